@@ -1,0 +1,149 @@
+"""What resolution reads from the process: environment, home, OS user, locale.
+
+Everything libpq takes from its process at connect time is gathered in one
+:class:`Environment` value, so that tests (and applications that want to
+resolve parameters for someone else) can inject it.  Files -- the service
+file, the password file -- are still read from the file system, at the paths
+the environment leads to.
+"""
+
+from __future__ import annotations
+
+import locale
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+__all__ = ["DEFAULT_SOCKET_DIR", "DEFAULT_SYSCONFDIR", "Environment"]
+
+#: The default Unix-socket directory.  libpq compiles one in; upstream uses
+#: ``/tmp``, Debian and the libpq bundled with psycopg use this one.
+DEFAULT_SOCKET_DIR: Final = "/var/run/postgresql"
+
+#: The directory of the system-wide ``pg_service.conf`` when ``PGSYSCONFDIR``
+#: is unset (Debian's libpq uses this one).
+DEFAULT_SYSCONFDIR: Final = "/etc/postgresql-common"
+
+
+@dataclass(frozen=True, slots=True)
+class Environment:
+    """The process state that parameter resolution depends on.
+
+    ``Environment.from_os()`` reads the real process; tests build one directly.
+
+    * ``environ``: environment variables (``PGHOST``, ``PGSERVICEFILE``, ...).
+      A variable set to the empty string counts as set, as in libpq.
+    * ``home``: the home directory, or None if it cannot be determined (then
+      ``~/.pgpass``, ``~/.pg_service.conf`` and friends are treated as absent).
+    * ``user``: the operating-system user name (the default ``user``), or None
+      when it cannot be determined (resolution then fails, as libpq does).
+    * ``uid``: the effective user id, for error messages.
+    * ``client_encoding``: what ``client_encoding=auto`` resolves to, from the
+      locale's character set.
+    * ``socket_dir``, ``sysconfdir``: libpq's compiled-in directories.
+    """
+
+    environ: Mapping[str, str] = field(default_factory=dict)
+    home: str | None = None
+    user: str | None = None
+    uid: int | None = None
+    client_encoding: str = "UTF8"
+    socket_dir: str = DEFAULT_SOCKET_DIR
+    sysconfdir: str = DEFAULT_SYSCONFDIR
+
+    @classmethod
+    def from_os(cls, environ: Mapping[str, str] | None = None) -> Environment:
+        """The environment of this process (``environ`` overrides ``os.environ``)."""
+        env = dict(os.environ if environ is None else environ)
+        uid = os.geteuid()
+        try:
+            import pwd  # noqa: PLC0415  (not on every platform)
+
+            entry: pwd.struct_passwd | None = pwd.getpwuid(uid)
+        except (ImportError, KeyError):
+            entry = None
+        # libpq: $HOME when set and non-empty, else the password database.
+        home = env.get("HOME") or (entry.pw_dir if entry is not None else None)
+        return cls(
+            environ=env,
+            home=home,
+            user=entry.pw_name if entry is not None else None,
+            uid=uid,
+            client_encoding=encoding_from_locale(),
+        )
+
+
+# PostgreSQL encoding names for the character sets a locale may report
+# (libpq's chklocale.c table, keyed by the normalised codeset name).
+_CODESETS: Final[dict[str, str]] = {
+    "utf8": "UTF8",
+    "ansix341968": "SQL_ASCII",
+    "ascii": "SQL_ASCII",
+    "usascii": "SQL_ASCII",
+    "iso88591": "LATIN1",
+    "iso88592": "LATIN2",
+    "iso88593": "LATIN3",
+    "iso88594": "LATIN4",
+    "iso88595": "ISO_8859_5",
+    "iso88596": "ISO_8859_6",
+    "iso88597": "ISO_8859_7",
+    "iso88598": "ISO_8859_8",
+    "iso88599": "LATIN5",
+    "iso885910": "LATIN6",
+    "iso885913": "LATIN7",
+    "iso885914": "LATIN8",
+    "iso885915": "LATIN9",
+    "iso885916": "LATIN10",
+    "koi8r": "KOI8R",
+    "koi8u": "KOI8U",
+    "cp1250": "WIN1250",
+    "cp1251": "WIN1251",
+    "cp1252": "WIN1252",
+    "cp1253": "WIN1253",
+    "cp1254": "WIN1254",
+    "cp1255": "WIN1255",
+    "cp1256": "WIN1256",
+    "cp1257": "WIN1257",
+    "cp1258": "WIN1258",
+    "cp866": "WIN866",
+    "cp874": "WIN874",
+    "cp932": "SJIS",
+    "cp936": "GBK",
+    "cp949": "UHC",
+    "cp950": "BIG5",
+    "eucjp": "EUC_JP",
+    "euckr": "EUC_KR",
+    "euctw": "EUC_TW",
+    "euccn": "EUC_CN",
+    "gb2312": "EUC_CN",
+    "gbk": "GBK",
+    "gb18030": "GB18030",
+    "big5": "BIG5",
+    "big5hkscs": "BIG5",
+    "sjis": "SJIS",
+    "shiftjis": "SJIS",
+    "tcvn57121": "WIN1258",
+}
+
+
+def encoding_from_locale() -> str:
+    """The PostgreSQL encoding of this process's ``LC_CTYPE`` locale.
+
+    As libpq does (it never calls setlocale itself): the C and POSIX locales
+    mean SQL_ASCII; otherwise the locale's codeset is looked up in a table.
+    An unknown codeset gives the empty string, and then no client_encoding
+    is sent.
+    """
+    try:
+        name = locale.setlocale(locale.LC_CTYPE)
+    except locale.Error:  # pragma: no cover - setlocale query does not fail
+        name = "C"
+    if name in ("C", "POSIX"):
+        return "SQL_ASCII"
+    try:
+        codeset = locale.nl_langinfo(locale.CODESET)
+    except (AttributeError, locale.Error):  # pragma: no cover - non-POSIX
+        return ""
+    key = "".join(ch for ch in codeset.lower() if ch.isalnum())
+    return _CODESETS.get(key, "")

@@ -1,0 +1,221 @@
+"""The connection service file and the password file, read as libpq reads them.
+
+Service files (``parseServiceInfo`` / ``parseServiceFile`` in fe-connect.c) are
+INI-like: ``[name]`` groups of ``keyword=value`` lines, with no trimming around
+the ``=``.  Password files (``passwordFromFile`` / ``pwdfMatchesString``) hold
+``hostname:port:database:username:password`` lines with ``*`` wildcards and
+backslash escapes.  Both are byte files; their text is decoded from UTF-8 with
+``surrogateescape`` so that any byte survives.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Final
+
+from ._errors import ConninfoError, PasswordFileWarning
+from ._options import OPTION_BY_KEYWORD
+
+__all__ = ["PasswordMatch", "ServiceSetting", "password_from_file", "read_service"]
+
+# fgets() in libpq reads service lines into a 1024-byte buffer; a line that
+# fills it (1023 bytes or more, newline included) is "too long".
+_SERVICE_LINE_MAX: Final = 1023
+_C_SPACE: Final = b" \t\n\x0b\x0c\r"
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSetting:
+    """One ``keyword=value`` line of the selected service group."""
+
+    keyword: str
+    value: str
+    path: str
+    line: int
+
+
+def read_service(
+    service: str, *, user_file: str | None, user_file_required: bool, system_file: str
+) -> list[ServiceSetting]:
+    """The settings of *service*, searched as libpq searches.
+
+    *user_file* is ``PGSERVICEFILE`` (then *user_file_required*: it must open)
+    or ``~/.pg_service.conf`` (skipped when missing).  If the group is not found
+    there, *system_file* is read when it exists.  Within the group, the first
+    setting of a keyword wins; the caller applies only keywords still unset.
+
+    Raises :class:`ConninfoError` for a missing ``PGSERVICEFILE``, a syntax
+    error, or a service found in neither file.
+    """
+    if user_file is not None and (user_file_required or os.path.exists(user_file)):
+        found = _parse_service_file(user_file, service)
+        if found is not None:
+            return found
+    if os.path.exists(system_file):
+        found = _parse_service_file(system_file, service)
+        if found is not None:
+            return found
+    raise ConninfoError(f'definition of service "{service}" not found', keyword="service")
+
+
+def _parse_service_file(path: str, service: str) -> list[ServiceSetting] | None:
+    """The settings of *service* in *path*, or None if the group is absent."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        raise ConninfoError(f'service file "{path}" not found', keyword="service") from None
+    header = b"[" + service.encode("utf-8", "surrogateescape") + b"]"
+    in_group = False
+    settings: list[ServiceSetting] = []
+    for number, raw in enumerate(data.splitlines(keepends=True), start=1):
+        if len(raw) >= _SERVICE_LINE_MAX:
+            raise ConninfoError(f'line {number} too long in service file "{path}"')
+        line = raw.strip(_C_SPACE)
+        if not line or line.startswith(b"#"):
+            continue
+        if line.startswith(b"["):
+            if in_group:
+                break
+            in_group = line.startswith(header)
+            continue
+        if not in_group:
+            continue
+        key, eq, value = line.partition(b"=")
+        keyword = key.decode("utf-8", "surrogateescape")
+        if not eq:
+            raise ConninfoError(f'syntax error in service file "{path}", line {number}')
+        if keyword == "service":
+            raise ConninfoError(
+                f'nested service specifications not supported in service file "{path}", '
+                f"line {number}"
+            )
+        if keyword not in OPTION_BY_KEYWORD:
+            raise ConninfoError(f'syntax error in service file "{path}", line {number}')
+        settings.append(
+            ServiceSetting(keyword, value.decode("utf-8", "surrogateescape"), path, number)
+        )
+    return settings if in_group else None
+
+
+@dataclass(frozen=True, slots=True)
+class PasswordMatch:
+    """The password found for one host, and where."""
+
+    password: str
+    path: str
+    line: int
+
+    def __repr__(self) -> str:
+        return f"PasswordMatch(password='********', path={self.path!r}, line={self.line})"
+
+
+def password_from_file(
+    path: str,
+    *,
+    hostname: str,
+    port: str,
+    dbname: str,
+    user: str,
+    warn: Callable[[str], None] | None = None,
+) -> PasswordMatch | None:
+    """The first line of the password file *path* that matches, or None.
+
+    The caller has already applied libpq's rules for the lookup key (the
+    ``localhost`` substitution, the default port).  A file that cannot be
+    opened is ignored silently; one that is not a plain file, or that grants
+    any access to group or others, is ignored with a warning.
+    """
+    if not dbname or not user:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            _warn(warn, f'password file "{path}" is not a plain file')
+            return None
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            _warn(
+                warn,
+                f'password file "{path}" has group or world access; permissions should '
+                "be u=rw (0600) or less",
+            )
+            return None
+        data = f.read()
+    keys = [k.encode("utf-8", "surrogateescape") for k in (hostname, port, dbname, user)]
+    for number, line in _password_lines(data):
+        rest: bytes | None = line
+        for key in keys:
+            rest = _match_field(rest, key)
+            if rest is None:
+                break
+        if rest is not None:
+            return PasswordMatch(
+                _unescape_password(rest).decode("utf-8", "surrogateescape"), path, number
+            )
+    return None
+
+
+def _warn(warn: Callable[[str], None] | None, message: str) -> None:
+    if warn is not None:
+        warn(message)
+    else:
+        warnings.warn(PasswordFileWarning(message), stacklevel=5)
+
+
+def _password_lines(data: bytes) -> Iterator[tuple[int, bytes]]:
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if raw.startswith(b"#"):
+            continue
+        line = raw.rstrip(b"\r\n")
+        if line:
+            yield number, line
+
+
+def _match_field(buf: bytes | None, token: bytes) -> bytes | None:
+    """What follows the field at the start of *buf* if it matches *token*.
+
+    ``*`` alone matches anything; otherwise the field must equal the token
+    byte for byte, a backslash making the next byte literal.
+    """
+    if buf is None:
+        return None
+    if buf.startswith(b"*:"):
+        return buf[2:]
+    i = 0
+    t = 0
+    end = len(buf)
+    while i < end:
+        escaped = False
+        if buf[i] == 0x5C:  # backslash
+            i += 1
+            escaped = True
+            if i == end:
+                return None
+        if buf[i] == 0x3A and t == len(token) and not escaped:  # ":"
+            return buf[i + 1 :]
+        if t == len(token) or buf[i] != token[t]:
+            return None
+        i += 1
+        t += 1
+    return None
+
+
+def _unescape_password(rest: bytes) -> bytes:
+    """The password field: up to the first unescaped ``:``, escapes removed."""
+    out = bytearray()
+    i = 0
+    end = len(rest)
+    while i < end and rest[i] != 0x3A:
+        if rest[i] == 0x5C and i + 1 < end:
+            i += 1
+        out.append(rest[i])
+        i += 1
+    return bytes(out)
