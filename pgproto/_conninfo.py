@@ -279,7 +279,7 @@ def _uri_decode(raw: str, secret: str | None) -> str:
     """
     if "%" not in raw and " " not in raw:
         return raw
-    shown = f"(the {secret} is not shown)" if secret else f'"{raw}"'
+    shown = f"the {secret} (value not shown)" if secret else f'"{raw}"'
     body = raw.lstrip(" ")
     space = body.find(" ")
     rest = ""

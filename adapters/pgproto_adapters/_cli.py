@@ -1,0 +1,136 @@
+"""The ``pgproto`` command.
+
+``pgproto conninfo [CONNINFO]`` resolves a connection string the way libpq
+would (service file, environment, password file, defaults) and prints, for
+every host in the list, what would be used and where each value came from.
+Secrets are always masked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+from typing import TextIO
+
+import pgproto
+from pgproto import ConnParams, HostParams, Source
+
+__all__ = ["main"]
+
+_MASK = "********"
+_SECRETS = frozenset(
+    {"password", "sslpassword", "oauth_client_secret", "scram_client_key", "scram_server_key"}
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="pgproto", description="libpq's connection establishment, in pure Python."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    conninfo = commands.add_parser(
+        "conninfo",
+        help="resolve a connection string as libpq would and show where each value comes from",
+        description=(
+            "Resolve CONNINFO (a keyword/value string, a URI or a database name) with the "
+            "service file, environment variables, the password file and libpq's defaults, "
+            "and print the parameters used for each host with their provenance. Passwords "
+            "are masked."
+        ),
+    )
+    conninfo.add_argument("conninfo", nargs="?", default="", help="connection string")
+    conninfo.add_argument(
+        "--all", action="store_true", help="also list options that are not set"
+    )
+    args = parser.parse_args(argv)
+    if args.command == "conninfo":
+        return _conninfo(args.conninfo, show_all=args.all, out=sys.stdout)
+    parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse exits
+
+
+def _conninfo(conninfo: str, *, show_all: bool, out: TextIO) -> int:
+    caught: list[str] = []
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always", pgproto.PgprotoWarning)
+        try:
+            params = pgproto.resolve_params(conninfo)
+        except pgproto.ConninfoError as exc:
+            print(f"pgproto: invalid connection parameters: {exc}", file=sys.stderr)
+            return 2
+        caught.extend(str(r.message) for r in records)
+    for message in caught:
+        print(f"warning: {message}", file=sys.stderr)
+    out.write(render(params, show_all=show_all))
+    return 0
+
+
+def render(params: ConnParams, *, show_all: bool = False) -> str:
+    """The human-readable report ``pgproto conninfo`` prints."""
+    lines: list[str] = []
+    count = len(params.hosts)
+    for index, host in enumerate(params.hosts, start=1):
+        lines.append(f"host {index} of {count}: {_host_title(host)}")
+        rows: list[tuple[str, str, str]] = []
+        if host.host is not None:
+            rows.append(("host", host.host, str(host.host_source)))
+        if host.hostaddr is not None:
+            rows.append(("hostaddr", host.hostaddr, str(params.source("hostaddr"))))
+        rows.append(("port", str(host.port), str(host.port_source)))
+        if host.password is None:
+            rows.append(("password", "(none)", ""))
+        else:
+            rows.append(("password", _MASK, str(host.password_source)))
+        if host.error:
+            rows.append(("error", host.error, "this host will be skipped"))
+        lines.extend(_table(rows))
+        lines.append("")
+    lines.append("options:")
+    rows = []
+    for keyword, value in params.as_dict().items():
+        if keyword in ("host", "hostaddr", "port", "password"):
+            continue
+        if value is None:
+            if show_all:
+                rows.append((keyword, "(unset)", ""))
+            continue
+        shown = _MASK if keyword in _SECRETS else (value if value != "" else "''")
+        source = params.source(keyword)
+        rows.append((keyword, shown, _describe(source)))
+    lines.extend(_table(rows))
+    timeout = params.connect_timeout
+    lines.append("")
+    lines.append(
+        "connect_timeout: "
+        + ("none (wait forever)" if timeout is None else f"{timeout} s per address")
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _host_title(host: HostParams) -> str:
+    kind = host.type.value
+    if host.hostaddr:
+        where = host.hostaddr + (f" ({host.host})" if host.host else "")
+    else:
+        where = host.host or ""
+    return f"{where} port {host.port} [{kind}]"
+
+
+def _describe(source: Source | None) -> str:
+    return "" if source is None else str(source)
+
+
+def _table(rows: list[tuple[str, str, str]]) -> list[str]:
+    if not rows:
+        return []
+    width_key = max(len(r[0]) for r in rows)
+    width_value = min(max(len(r[1]) for r in rows), 40)
+    return [
+        f"  {key:<{width_key}}  {value:<{width_value}}  {source}".rstrip()
+        for key, value, source in rows
+    ]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
