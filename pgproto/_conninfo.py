@@ -40,15 +40,17 @@ _WS: Final = " \t\n\x0b\x0c\r"
 
 # One keyword/value setting, leading whitespace included.  Group 1 is the
 # keyword, group 2 a quoted value (escapes still in), group 3 an unquoted value
-# (escapes still in; absent when the value is empty).  A value that
-# starts with a quote must be a complete quoted value; a quote later in an
+# (escapes still in; absent when the value is empty, which can only happen at
+# the end: whitespace after "=" is skipped possessively, never given back to an
+# empty value).  A value that starts with a quote must be a complete quoted
+# value; a quote later in an
 # unquoted value is an ordinary character.  A backslash escapes any following
 # character; a backslash at the very end of the string is dropped.
 _KV_SETTING: Final = re.compile(
-    rf"[{_WS}]*([^={_WS}]*)[{_WS}]*=[{_WS}]*"
+    rf"[{_WS}]*([^={_WS}]*)[{_WS}]*=[{_WS}]*+"
     rf"(?:'((?:[^'\\]|\\.)*)'"
     rf"|((?:[^'{_WS}\\]|\\.|\\\Z)(?:[^{_WS}\\]|\\.|\\\Z)*)"
-    rf"|(?=[{_WS}]|\Z))",
+    rf"|\Z)",
     re.DOTALL,
 )
 _KV_SKIP_WS: Final = re.compile(rf"[{_WS}]*")
