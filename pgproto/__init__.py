@@ -6,6 +6,7 @@ adapters in ``pgproto_adapters`` do the IO.
 """
 
 from ._conninfo import is_conninfo_string, parse_conninfo
+from ._enums import ConnStatus, Ping, PollingStatus
 from ._environment import Environment
 from ._errors import ConninfoError, Error, PasswordFileWarning, PgprotoWarning
 from ._options import ConninfoOption
@@ -24,6 +25,7 @@ from ._version import __version__
 __all__ = [
     "AuthRequirement",
     "ConnParams",
+    "ConnStatus",
     "ConninfoError",
     "ConninfoOption",
     "Environment",
@@ -32,6 +34,8 @@ __all__ = [
     "HostType",
     "PasswordFileWarning",
     "PgprotoWarning",
+    "Ping",
+    "PollingStatus",
     "Source",
     "SourceKind",
     "__version__",
