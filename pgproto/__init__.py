@@ -8,7 +8,15 @@ adapters in ``pgproto_adapters`` do the IO.
 from ._conninfo import is_conninfo_string, parse_conninfo
 from ._enums import ConnStatus, Ping, PollingStatus
 from ._environment import Environment
-from ._errors import ConninfoError, Error, PasswordFileWarning, PgprotoWarning
+from ._errors import (
+    ConninfoError,
+    Error,
+    LocalProtocolError,
+    PasswordFileWarning,
+    PgprotoWarning,
+    ProtocolError,
+    RemoteProtocolError,
+)
 from ._options import ConninfoOption
 from ._params import (
     AuthRequirement,
@@ -32,10 +40,13 @@ __all__ = [
     "Error",
     "HostParams",
     "HostType",
+    "LocalProtocolError",
     "PasswordFileWarning",
     "PgprotoWarning",
     "Ping",
     "PollingStatus",
+    "ProtocolError",
+    "RemoteProtocolError",
     "Source",
     "SourceKind",
     "__version__",

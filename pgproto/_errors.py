@@ -6,6 +6,11 @@ the problem is, in the manner of h11:
 * :class:`ConninfoError` -- what the user wrote (a connection string, a keyword
   argument, an environment variable, a service file) is not acceptable.  It is
   raised before any network activity, as libpq's option errors are.
+* :class:`LocalProtocolError` -- the caller used the protocol machinery
+  wrongly (a method called in the wrong state, a value the protocol cannot
+  carry).
+* :class:`RemoteProtocolError` -- the server sent something malformed, out of
+  order, or forbidden at that point.
 
 Messages never contain a password: the parsers mask secrets before they build
 a message, and :class:`Error` itself offers no way to attach raw input.
@@ -13,7 +18,15 @@ a message, and :class:`Error` itself offers no way to attach raw input.
 
 from __future__ import annotations
 
-__all__ = ["ConninfoError", "Error", "PasswordFileWarning", "PgprotoWarning"]
+__all__ = [
+    "ConninfoError",
+    "Error",
+    "LocalProtocolError",
+    "PasswordFileWarning",
+    "PgprotoWarning",
+    "ProtocolError",
+    "RemoteProtocolError",
+]
 
 
 class Error(Exception):
@@ -38,6 +51,18 @@ class ConninfoError(Error, ValueError):
     @property
     def message(self) -> str:
         return str(self.args[0])
+
+
+class ProtocolError(Error):
+    """Base class of protocol faults, local or remote."""
+
+
+class LocalProtocolError(ProtocolError):
+    """The caller misused the protocol machinery."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The server broke the protocol."""
 
 
 class PgprotoWarning(UserWarning):

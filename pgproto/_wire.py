@@ -1,0 +1,378 @@
+"""PostgreSQL protocol 3 messages used while connecting: encoders and decoders.
+
+Frontend messages are built whole as ``bytes``.  Backend messages are framed
+by :class:`ReceiveBuffer`, which validates the length word as soon as the five
+header bytes are in -- a hostile length (negative, below 4, or beyond the limit
+the caller sets for that message type) is rejected before any body is
+buffered, so memory stays bounded whatever the server sends.  Body decoders
+take the message body (without type and length) and raise
+:class:`~pgproto.RemoteProtocolError` on anything malformed.
+
+Reference: the PostgreSQL documentation, "Frontend/Backend Protocol", message
+formats; libpq's fe-protocol3.c for the limits it applies during startup.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Final
+
+from ._errors import LocalProtocolError, RemoteProtocolError
+
+__all__ = [
+    "CANCEL_REQUEST_CODE",
+    "GSSENC_REQUEST_CODE",
+    "PROTOCOL_3_0",
+    "PROTOCOL_3_2",
+    "SSL_REQUEST_CODE",
+    "Message",
+    "ReceiveBuffer",
+]
+
+PROTOCOL_3_0: Final = (3, 0)
+PROTOCOL_3_2: Final = (3, 2)
+CANCEL_REQUEST_CODE: Final = 80877102
+SSL_REQUEST_CODE: Final = 80877103
+GSSENC_REQUEST_CODE: Final = 80877104
+
+#: libpq's limits: authentication-phase messages and NegotiateProtocolVersion
+#: may be at most 2000 bytes, ordinary non-data messages 30000 bytes.
+AUTH_MESSAGE_LIMIT: Final = 2000
+ORDINARY_MESSAGE_LIMIT: Final = 30000
+#: The server never sends a message longer than 1 GiB.
+DATA_MESSAGE_LIMIT: Final = 0x3FFFFFFF
+
+_HEADER: Final = struct.Struct("!cI")
+_INT32: Final = struct.Struct("!i")
+_UINT32: Final = struct.Struct("!I")
+_INT16: Final = struct.Struct("!h")
+
+
+# --------------------------------------------------------------------------
+# frontend
+
+
+def _cstring(text: str) -> bytes:
+    data = text.encode("utf-8", "surrogateescape")
+    if b"\x00" in data:
+        raise LocalProtocolError("a protocol string may not contain a NUL character")
+    return data + b"\x00"
+
+
+def _message(kind: bytes, body: bytes) -> bytes:
+    return kind + _UINT32.pack(len(body) + 4) + body
+
+
+def startup_message(parameters: Iterable[tuple[str, str]], version: tuple[int, int]) -> bytes:
+    """StartupMessage: the protocol version and ``name=value`` pairs."""
+    major, minor = version
+    body = bytearray(_UINT32.pack((major << 16) | minor))
+    for name, value in parameters:
+        body += _cstring(name)
+        body += _cstring(value)
+    body += b"\x00"
+    return _UINT32.pack(len(body) + 4) + body
+
+
+def ssl_request() -> bytes:
+    return _UINT32.pack(8) + _UINT32.pack(SSL_REQUEST_CODE)
+
+
+def gssenc_request() -> bytes:
+    return _UINT32.pack(8) + _UINT32.pack(GSSENC_REQUEST_CODE)
+
+
+def cancel_request(pid: int, key: bytes) -> bytes:
+    """CancelRequest; *key* is 4 bytes (protocol 3.0) or up to 256 (3.2)."""
+    body = _UINT32.pack(CANCEL_REQUEST_CODE) + _INT32.pack(pid) + key
+    return _UINT32.pack(len(body) + 4) + body
+
+
+def password_message(password: bytes) -> bytes:
+    """PasswordMessage (cleartext or MD5): the password, NUL-terminated."""
+    if b"\x00" in password:
+        raise LocalProtocolError("a password may not contain a NUL character")
+    return _message(b"p", password + b"\x00")
+
+
+def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
+    return _message(b"p", _cstring(mechanism) + _INT32.pack(len(data)) + data)
+
+
+def sasl_response(data: bytes) -> bytes:
+    return _message(b"p", data)
+
+
+def query(sql: str) -> bytes:
+    return _message(b"Q", _cstring(sql))
+
+
+def terminate() -> bytes:
+    return b"X\x00\x00\x00\x04"
+
+
+# --------------------------------------------------------------------------
+# framing
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One backend message: its type byte and its body."""
+
+    type: bytes
+    body: bytes
+
+
+class ReceiveBuffer:
+    """Bytes received from the server, cut into messages.
+
+    *limit* gives, for a message type byte, the largest length word accepted
+    (the length word counts itself, not the type byte).
+    """
+
+    __slots__ = ("_data", "_limit")
+
+    def __init__(self, limit: Callable[[bytes], int]) -> None:
+        self._data = bytearray()
+        self._limit = limit
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def feed(self, data: bytes) -> None:
+        self._data += data
+
+    def set_limit(self, limit: Callable[[bytes], int]) -> None:
+        self._limit = limit
+
+    def take_byte(self) -> bytes | None:
+        """The next single byte (the reply to SSLRequest/GSSENCRequest)."""
+        if not self._data:
+            return None
+        byte = bytes(self._data[:1])
+        del self._data[:1]
+        return byte
+
+    def take_all(self) -> bytes:
+        data = bytes(self._data)
+        self._data.clear()
+        return data
+
+    def next_message(self) -> Message | None:
+        """The next complete message, or None until more bytes arrive."""
+        data = self._data
+        if len(data) < 5:
+            return None
+        kind, length = _HEADER.unpack_from(data)
+        if length < 4:
+            raise RemoteProtocolError(
+                f"invalid message length {length} for message type {_show(kind)}"
+            )
+        limit = self._limit(kind)
+        if length > limit:
+            raise RemoteProtocolError(
+                f"message of type {_show(kind)} is {length} bytes long, more than the "
+                f"{limit} bytes allowed here"
+            )
+        end = 1 + length
+        if len(data) < end:
+            return None
+        body = bytes(data[5:end])
+        del data[:end]
+        return Message(kind, body)
+
+
+def _show(kind: bytes) -> str:
+    return repr(kind.decode("latin-1"))
+
+
+# --------------------------------------------------------------------------
+# backend bodies
+
+
+class _Reader:
+    """A cursor over one message body; every read is bounds-checked."""
+
+    __slots__ = ("_body", "_pos", "_what")
+
+    def __init__(self, body: bytes, what: str) -> None:
+        self._body = body
+        self._pos = 0
+        self._what = what
+
+    def _fail(self, problem: str) -> RemoteProtocolError:
+        return RemoteProtocolError(f"malformed {self._what} message: {problem}")
+
+    def int32(self) -> int:
+        if self._pos + 4 > len(self._body):
+            raise self._fail("truncated")
+        (value,) = _INT32.unpack_from(self._body, self._pos)
+        self._pos += 4
+        return int(value)
+
+    def int16(self) -> int:
+        if self._pos + 2 > len(self._body):
+            raise self._fail("truncated")
+        (value,) = _INT16.unpack_from(self._body, self._pos)
+        self._pos += 2
+        return int(value)
+
+    def byte(self) -> bytes:
+        if self._pos >= len(self._body):
+            raise self._fail("truncated")
+        value = self._body[self._pos : self._pos + 1]
+        self._pos += 1
+        return value
+
+    def cstring(self) -> bytes:
+        end = self._body.find(b"\x00", self._pos)
+        if end < 0:
+            raise self._fail("unterminated string")
+        value = self._body[self._pos : end]
+        self._pos = end + 1
+        return value
+
+    def take(self, count: int) -> bytes:
+        if count < 0 or self._pos + count > len(self._body):
+            raise self._fail("truncated")
+        value = self._body[self._pos : self._pos + count]
+        self._pos += count
+        return value
+
+    def rest(self) -> bytes:
+        value = self._body[self._pos :]
+        self._pos = len(self._body)
+        return value
+
+    def end(self) -> None:
+        if self._pos != len(self._body):
+            raise self._fail("unexpected trailing data")
+
+
+def text(data: bytes) -> str:
+    """Server text, decoded leniently (messages may arrive before the
+    encoding is settled)."""
+    return data.decode("utf-8", "replace")
+
+
+def parse_authentication(body: bytes) -> tuple[int, bytes]:
+    """AuthenticationXXX: the request code and its payload."""
+    reader = _Reader(body, "authentication request")
+    code = reader.int32()
+    return code, reader.rest()
+
+
+def parse_sasl_mechanisms(payload: bytes) -> list[str]:
+    """The mechanism list of AuthenticationSASL."""
+    reader = _Reader(payload, "AuthenticationSASL")
+    mechanisms: list[str] = []
+    while True:
+        name = reader.cstring()
+        if not name:
+            break
+        mechanisms.append(text(name))
+    reader.end()
+    return mechanisms
+
+
+def parse_parameter_status(body: bytes) -> tuple[str, str]:
+    reader = _Reader(body, "ParameterStatus")
+    name = reader.cstring()
+    value = reader.cstring()
+    reader.end()
+    return name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
+
+
+#: The longest cancel key protocol 3.2 allows.
+MAX_CANCEL_KEY_LENGTH: Final = 256
+
+
+def parse_backend_key_data(body: bytes, version: tuple[int, int]) -> tuple[int, bytes]:
+    """BackendKeyData: the process id and the secret key (4 bytes in 3.0,
+    4 to 256 bytes in 3.2)."""
+    reader = _Reader(body, "BackendKeyData")
+    pid = reader.int32()
+    key = reader.rest()
+    if version < PROTOCOL_3_2:
+        if len(key) != 4:
+            raise RemoteProtocolError(
+                f"BackendKeyData carries a {len(key)}-byte key, but protocol 3.0 keys are 4 bytes"
+            )
+    elif not 4 <= len(key) <= MAX_CANCEL_KEY_LENGTH:
+        raise RemoteProtocolError(
+            f"BackendKeyData carries a {len(key)}-byte key; the limit is "
+            f"{MAX_CANCEL_KEY_LENGTH} bytes"
+        )
+    return pid, key
+
+
+def parse_ready_for_query(body: bytes) -> str:
+    reader = _Reader(body, "ReadyForQuery")
+    status = reader.byte()
+    reader.end()
+    if status not in (b"I", b"T", b"E"):
+        raise RemoteProtocolError(f"ReadyForQuery with unknown status {_show(status)}")
+    return status.decode("ascii")
+
+
+def parse_fields(body: bytes) -> dict[str, str]:
+    """ErrorResponse / NoticeResponse: field code to value."""
+    reader = _Reader(body, "ErrorResponse")
+    fields: dict[str, str] = {}
+    while True:
+        code = reader.byte()
+        if code == b"\x00":
+            break
+        fields[code.decode("latin-1")] = text(reader.cstring())
+    reader.end()
+    return fields
+
+
+def parse_negotiate_protocol_version(body: bytes) -> tuple[int, list[str]]:
+    """NegotiateProtocolVersion: the newest minor version the server
+    supports, and the protocol options it did not recognise."""
+    reader = _Reader(body, "NegotiateProtocolVersion")
+    minor = reader.int32()
+    count = reader.int32()
+    if count < 0 or count > len(body):
+        raise RemoteProtocolError(
+            f"malformed NegotiateProtocolVersion message: {count} options announced"
+        )
+    options = [text(reader.cstring()) for _ in range(count)]
+    reader.end()
+    return minor, options
+
+
+def parse_row_description(body: bytes) -> list[str]:
+    reader = _Reader(body, "RowDescription")
+    count = reader.int16()
+    if count < 0:
+        raise RemoteProtocolError(f"malformed RowDescription message: {count} fields")
+    names = []
+    for _ in range(count):
+        names.append(text(reader.cstring()))
+        reader.take(18)  # table oid, column, type oid, size, modifier, format
+    reader.end()
+    return names
+
+
+def parse_data_row(body: bytes) -> tuple[bytes | None, ...]:
+    reader = _Reader(body, "DataRow")
+    count = reader.int16()
+    if count < 0:
+        raise RemoteProtocolError(f"malformed DataRow message: {count} columns")
+    values: list[bytes | None] = []
+    for _ in range(count):
+        length = reader.int32()
+        values.append(None if length == -1 else reader.take(length))
+    reader.end()
+    return tuple(values)
+
+
+def parse_command_complete(body: bytes) -> str:
+    reader = _Reader(body, "CommandComplete")
+    tag = reader.cstring()
+    reader.end()
+    return text(tag)
