@@ -39,31 +39,39 @@ class ServiceSetting:
 
 
 def read_service(
-    service: str, *, user_file: str | None, user_file_required: bool, system_file: str
-) -> list[ServiceSetting]:
-    """The settings of *service*, searched as libpq searches.
+    service: str,
+    apply: Callable[[ServiceSetting], None],
+    *,
+    user_file: str | None,
+    user_file_required: bool,
+    system_file: str,
+) -> None:
+    """Pass the settings of *service* to *apply*, searched as libpq searches.
 
     *user_file* is ``PGSERVICEFILE`` (then *user_file_required*: it must open)
     or ``~/.pg_service.conf`` (skipped when missing).  If the group is not found
-    there, *system_file* is read when it exists.  Within the group, the first
-    setting of a keyword wins; the caller applies only keywords still unset.
+    there, *system_file* is read when it exists.  Settings are passed on as
+    they are read, so that those before a syntax error have been applied when
+    the error is raised (``PQconndefaults`` ignores the error and shows them);
+    *apply* keeps the first value of a keyword and only for keywords still
+    unset.
 
     Raises :class:`ConninfoError` for a missing ``PGSERVICEFILE``, a syntax
     error, or a service found in neither file.
     """
-    if user_file is not None and (user_file_required or os.path.exists(user_file)):
-        found = _parse_service_file(user_file, service)
-        if found is not None:
-            return found
-    if os.path.exists(system_file):
-        found = _parse_service_file(system_file, service)
-        if found is not None:
-            return found
+    if (
+        user_file is not None
+        and (user_file_required or os.path.exists(user_file))
+        and _parse_service_file(user_file, service, apply)
+    ):
+        return
+    if os.path.exists(system_file) and _parse_service_file(system_file, service, apply):
+        return
     raise ConninfoError(f'definition of service "{service}" not found', keyword="service")
 
 
-def _parse_service_file(path: str, service: str) -> list[ServiceSetting] | None:
-    """The settings of *service* in *path*, or None if the group is absent."""
+def _parse_service_file(path: str, service: str, apply: Callable[[ServiceSetting], None]) -> bool:
+    """Apply the settings of *service* in *path*; False if the group is absent."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -71,7 +79,6 @@ def _parse_service_file(path: str, service: str) -> list[ServiceSetting] | None:
         raise ConninfoError(f'service file "{path}" not found', keyword="service") from None
     header = b"[" + service.encode("utf-8", "surrogateescape") + b"]"
     in_group = False
-    settings: list[ServiceSetting] = []
     for number, raw in enumerate(data.splitlines(keepends=True), start=1):
         if len(raw) >= _SERVICE_LINE_MAX:
             raise ConninfoError(f'line {number} too long in service file "{path}"')
@@ -96,10 +103,8 @@ def _parse_service_file(path: str, service: str) -> list[ServiceSetting] | None:
             )
         if keyword not in OPTION_BY_KEYWORD:
             raise ConninfoError(f'syntax error in service file "{path}", line {number}')
-        settings.append(
-            ServiceSetting(keyword, value.decode("utf-8", "surrogateescape"), path, number)
-        )
-    return settings if in_group else None
+        apply(ServiceSetting(keyword, value.decode("utf-8", "surrogateescape"), path, number))
+    return in_group
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,8 +141,8 @@ def password_from_file(
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return None
-    with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(f.fileno()).st_mode
+    try:
+        mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             _warn(warn, f'password file "{path}" is not a plain file')
             return None
@@ -148,7 +153,12 @@ def password_from_file(
                 "be u=rw (0600) or less",
             )
             return None
-        data = f.read()
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     keys = [k.encode("utf-8", "surrogateescape") for k in (hostname, port, dbname, user)]
     for number, line in _password_lines(data):
         rest: bytes | None = line

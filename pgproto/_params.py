@@ -27,7 +27,7 @@ from typing import Final
 from ._conninfo import is_conninfo_string, parse_conninfo
 from ._environment import Environment
 from ._errors import ConninfoError
-from ._files import password_from_file, read_service
+from ._files import ServiceSetting, password_from_file, read_service
 from ._options import OPTION_BY_KEYWORD, OPTIONS, SECRET_KEYWORDS, ConninfoOption
 
 __all__ = [
@@ -393,18 +393,21 @@ def _apply_service(
     if user_file is None and env.home is not None:
         user_file = f"{env.home}/.pg_service.conf"
     sysconfdir = environ.get("PGSYSCONFDIR", env.sysconfdir)
-    settings = read_service(
-        service,
-        user_file=user_file,
-        user_file_required=required,
-        system_file=f"{sysconfdir}/pg_service.conf",
-    )
-    for s in settings:
+
+    def apply(s: ServiceSetting) -> None:
         if values.get(s.keyword) is None:
             values[s.keyword] = s.value
             sources[s.keyword] = Source(
                 SourceKind.SERVICE_FILE, path=s.path, section=service, line=s.line
             )
+
+    read_service(
+        service,
+        apply,
+        user_file=user_file,
+        user_file_required=required,
+        system_file=f"{sysconfdir}/pg_service.conf",
+    )
 
 
 # --------------------------------------------------------------------------
@@ -831,15 +834,13 @@ _B64_VALUES: Final = {c: i for i, c in enumerate(_B64_ALPHABET)}
 
 
 def _pg_b64_decode(text: str) -> bytes | None:
-    """PostgreSQL's base64 decoder (src/common/base64.c): whitespace skipped,
-    ``=`` padding only in the last group; None when the input is invalid."""
+    """PostgreSQL 18's base64 decoder (src/common/base64.c): strict alphabet,
+    no whitespace, ``=`` padding only in the last group; None when invalid."""
     out = bytearray()
     acc = 0
     pos = 0
     end = 0
     for c in text:
-        if c in " \t\n\r":
-            continue
         if c == "=":
             if not end:
                 if pos == 2:
