@@ -43,10 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     conninfo.add_argument("conninfo", nargs="?", default="", help="connection string")
     conninfo.add_argument("--all", action="store_true", help="also list options that are not set")
     args = parser.parse_args(argv)
-    if args.command == "conninfo":
-        return _conninfo(args.conninfo, show_all=args.all, out=sys.stdout)
-    parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse exits
-    return 2  # pragma: no cover
+    # argparse has already rejected anything but the commands defined above.
+    return _conninfo(args.conninfo, show_all=args.all, out=sys.stdout)
 
 
 def _conninfo(conninfo: str, *, show_all: bool, out: TextIO) -> int:
