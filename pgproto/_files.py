@@ -75,11 +75,13 @@ def _parse_service_file(path: str, service: str, apply: Callable[[ServiceSetting
     try:
         with open(path, "rb") as f:
             data = f.read()
+    except IsADirectoryError:
+        data = b""  # fopen() succeeds on a directory; reading it yields nothing
     except OSError:
         raise ConninfoError(f'service file "{path}" not found', keyword="service") from None
     header = b"[" + service.encode("utf-8", "surrogateescape") + b"]"
     in_group = False
-    for number, raw in enumerate(data.splitlines(keepends=True), start=1):
+    for number, raw in _fgets_lines(data, _SERVICE_LINE_MAX):
         if len(raw) >= _SERVICE_LINE_MAX:
             raise ConninfoError(f'line {number} too long in service file "{path}"')
         line = raw.strip(_C_SPACE)
@@ -105,6 +107,21 @@ def _parse_service_file(path: str, service: str, apply: Callable[[ServiceSetting
             raise ConninfoError(f'syntax error in service file "{path}", line {number}')
         apply(ServiceSetting(keyword, value.decode("utf-8", "surrogateescape"), path, number))
     return in_group
+
+
+def _fgets_lines(data: bytes, room: int) -> Iterator[tuple[int, bytes]]:
+    """The lines C's fgets() returns with *room* bytes of space, as strlen()
+    sees them: only newline ends a line, a longer line comes in pieces, and a
+    NUL byte hides the rest of its piece."""
+    pos = 0
+    number = 0
+    while pos < len(data):
+        window = data[pos : pos + room]
+        newline = window.find(b"\n")
+        chunk = window if newline < 0 else window[: newline + 1]
+        pos += len(chunk)
+        number += 1
+        yield number, chunk.split(b"\x00", 1)[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,12 +198,39 @@ def _warn(warn: Callable[[str], None] | None, message: str) -> None:
 
 
 def _password_lines(data: bytes) -> Iterator[tuple[int, bytes]]:
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        if raw.startswith(b"#"):
+    """The lines of a password file, as ``passwordFromFile`` assembles them.
+
+    libpq appends fgets() pieces to a growing buffer (256 bytes, then doubled
+    whenever fewer than 129 are free) and measures each piece with strlen():
+    a NUL byte drops the rest of its piece, newline included, so the next line
+    is joined to what came before the NUL.  A last line without a newline that
+    exactly fills the buffer is never seen.  Comment lines (``#``) and empty
+    lines are skipped; trailing CR/LF are stripped.  Yields the number of the
+    physical line where each logical line starts.
+    """
+    buf = bytearray()
+    maxlen = 256
+    pos = 0
+    start = 0
+    while pos < len(data):
+        while maxlen < len(buf) + 129:
+            maxlen *= 2
+        room = maxlen - len(buf) - 1
+        window = data[pos : pos + room]
+        newline = window.find(b"\n")
+        chunk = window if newline < 0 else window[: newline + 1]
+        at_eof = newline < 0 and len(window) < room
+        if not buf:
+            start = pos
+        pos += len(chunk)
+        buf += chunk.split(b"\x00", 1)[0]
+        if not buf.endswith(b"\n") and not at_eof:
             continue
-        line = raw.rstrip(b"\r\n")
-        if line:
-            yield number, line
+        if not buf.startswith(b"#"):
+            line = bytes(buf).rstrip(b"\r\n")
+            if line:
+                yield data.count(b"\n", 0, start) + 1, line
+        buf.clear()
 
 
 def _match_field(buf: bytes | None, token: bytes) -> bytes | None:
