@@ -92,6 +92,13 @@ def parse_conninfo(conninfo: str) -> dict[str, str]:
     """
     if "\x00" in conninfo:
         raise ConninfoError("connection string contains a NUL character")
+    try:
+        conninfo.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as exc:
+        raise ConninfoError(
+            f"connection string contains a character that cannot be encoded at position "
+            f"{exc.start + 1}"
+        ) from None
     options: dict[str, str] = {}
     prefix_len = uri_prefix_length(conninfo)
     if prefix_len:
