@@ -636,16 +636,12 @@ class Cluster:
 
         ``host`` may be ``"socket"`` for the Unix socket directory.
         """
-        items: dict[str, str | int] = {
-            "host": self.host if host is None else host,
-            "port": self.port,
-            "user": self.superuser,
-            "dbname": "postgres",
-        }
-        if items["host"] == "socket":
-            items["host"] = str(self.socket_dir)
-        items.update(params)
-        return " ".join(f"{k}={_conninfo_value(str(v))}" for k, v in items.items())
+        return _dsn(
+            self.host if host is None else host,
+            self.port,
+            self.socket_dir,
+            {"user": self.superuser, "dbname": "postgres", **params},
+        )
 
     def log_text(self) -> str:
         """The tail of the server log."""
@@ -836,6 +832,16 @@ class Cluster:
         return None if out == "<null>" else out
 
 
+def _dsn(host: str, port: int, socket_dir: Path, params: dict[str, str | int]) -> str:
+    """A key/value connection string; ``host="socket"`` means *socket_dir*."""
+    items: dict[str, str | int] = {
+        "host": str(socket_dir) if host == "socket" else host,
+        "port": port,
+        **params,
+    }
+    return " ".join(f"{k}={_conninfo_value(str(v))}" for k, v in items.items())
+
+
 def _conninfo_value(value: str) -> str:
     if value and not re.search(r"[\s'\\]", value):
         return value
@@ -980,15 +986,12 @@ class PgBouncer:
 
     def dsn(self, *, host: str | None = None, **params: str | int) -> str:
         """A libpq connection string for this PgBouncer (``host="socket"`` for its socket)."""
-        items: dict[str, str | int] = {
-            "host": self.host if host is None else host,
-            "port": self.port,
-            "dbname": "postgres",
-        }
-        if items["host"] == "socket":
-            items["host"] = str(self.socket_dir)
-        items.update(params)
-        return " ".join(f"{k}={_conninfo_value(str(v))}" for k, v in items.items())
+        return _dsn(
+            self.host if host is None else host,
+            self.port,
+            self.socket_dir,
+            {"dbname": "postgres", **params},
+        )
 
     def log_text(self) -> str:
         return _read_tail(self.log_file)
