@@ -567,8 +567,11 @@ def _host_list(
             host = env.socket_dir
             kind = HostType.UNIX_SOCKET
             this_host_source = Source(SourceKind.DERIVED, detail="default socket directory")
+        this_port_source = port_source if port else _DEFAULT_SOURCE
         drafts.append(
-            _HostDraft(kind, host or None, hostaddr or None, port, this_host_source, port_source)
+            _HostDraft(
+                kind, host or None, hostaddr or None, port, this_host_source, this_port_source
+            )
         )
     return drafts
 

@@ -90,3 +90,13 @@ def test_console_script_entry_point(home: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "example.org port 5432 [host name]" in result.stdout
     assert "sslkeylogfile" in result.stdout  # --all lists unset options too
+
+
+def test_empty_port_element_is_attributed_to_the_default(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["conninfo", "postgresql://alice@db1,db2:5433/app"]) == 0
+    out = capsys.readouterr().out
+    first, second = out.split("host 2 of 2")
+    assert "port      5432    compiled-in default" in first
+    assert "port      5433    connection string" in second
