@@ -168,16 +168,25 @@ def _raise_keyword_value_error(conninfo: str, pos: int, follows_secret: str | No
 # URIs
 
 
+def _userinfo_end(uri: str, start: int) -> int:
+    """The index of the "@" that ends the user information, or -1.
+
+    libpq looks ahead for an "@" before the first "/"; "?" and "," do not stop
+    the look-ahead.
+    """
+    for p in range(start, len(uri)):
+        if uri[p] == "@":
+            return p
+        if uri[p] == "/":
+            break
+    return -1
+
+
 def _parse_uri(uri: str, prefix_len: int, options: dict[str, str]) -> None:
     end = len(uri)
     start = prefix_len
-
-    # Credentials: look ahead for an "@" before the first "/" ("?" and ","
-    # do not stop the look-ahead, as in libpq).
-    p = start
-    while p < end and uri[p] != "@" and uri[p] != "/":
-        p += 1
-    if p < end and uri[p] == "@":
+    p = _userinfo_end(uri, start)
+    if p >= 0:
         userinfo = uri[start:p]
         colon = userinfo.find(":")
         user = userinfo if colon < 0 else userinfo[:colon]
@@ -323,12 +332,7 @@ _URI_SECRET_PARAM: Final = re.compile(r"([?&])([^=&]*)=([^&]*)")
 def _mask_uri(uri: str) -> str:
     """*uri* with its password and secret query parameter values masked."""
     prefix_len = uri_prefix_length(uri)
-    at = -1
-    p = prefix_len
-    while p < len(uri) and uri[p] not in "@/":
-        p += 1
-    if p < len(uri) and uri[p] == "@":
-        at = p
+    at = _userinfo_end(uri, prefix_len)
     if at >= 0:
         colon = uri.find(":", prefix_len, at)
         if colon >= 0 and colon + 1 < at:

@@ -143,7 +143,6 @@ def password_from_file(
     port: str,
     dbname: str,
     user: str,
-    warn: Callable[[str], None] | None = None,
 ) -> PasswordMatch | None:
     """The first line of the password file *path* that matches, or None.
 
@@ -161,13 +160,12 @@ def password_from_file(
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            _warn(warn, f'password file "{path}" is not a plain file')
+            _warn(f'password file "{path}" is not a plain file')
             return None
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             _warn(
-                warn,
                 f'password file "{path}" has group or world access; permissions should '
-                "be u=rw (0600) or less",
+                "be u=rw (0600) or less"
             )
             return None
         with os.fdopen(fd, "rb", closefd=False) as f:
@@ -190,11 +188,9 @@ def password_from_file(
     return None
 
 
-def _warn(warn: Callable[[str], None] | None, message: str) -> None:
-    if warn is not None:
-        warn(message)
-    else:
-        warnings.warn(PasswordFileWarning(message), stacklevel=5)
+def _warn(message: str) -> None:
+    # Five frames up is the call inside resolve_params (via _passwords, _connect_options).
+    warnings.warn(PasswordFileWarning(message), stacklevel=5)
 
 
 def _password_lines(data: bytes) -> Iterator[tuple[int, bytes]]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -886,14 +886,3 @@ def _valid_replication(value: str) -> bool:
     if len(v) >= 2 and "off".startswith(v):
         return True
     return any(word.startswith(v) for word in ("true", "false", "yes", "no"))
-
-
-def iter_secrets(params: ConnParams) -> Iterator[str]:
-    """Every secret value held by *params* (for redaction checks in tests)."""
-    for keyword in SECRET_KEYWORDS:
-        value = params.get(keyword)
-        if value:
-            yield value
-    for host in params.hosts:
-        if host.password:
-            yield host.password

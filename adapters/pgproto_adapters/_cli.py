@@ -16,13 +16,11 @@ from typing import TextIO
 
 import pgproto
 from pgproto import ConnParams, HostParams, Source
+from pgproto._options import SECRET_KEYWORDS
 
 __all__ = ["main"]
 
 _MASK = "********"
-_SECRETS = frozenset(
-    {"password", "sslpassword", "oauth_client_secret", "scram_client_key", "scram_server_key"}
-)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -92,7 +90,7 @@ def render(params: ConnParams, *, show_all: bool = False) -> str:
             if show_all:
                 rows.append((keyword, "(unset)", ""))
             continue
-        shown = _MASK if keyword in _SECRETS else (value if value != "" else "''")
+        shown = _MASK if keyword in SECRET_KEYWORDS else (value if value != "" else "''")
         source = params.source(keyword)
         rows.append((keyword, shown, _describe(source)))
     lines.extend(_table(rows))
