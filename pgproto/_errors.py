@@ -11,6 +11,16 @@ the problem is, in the manner of h11:
   carry).
 * :class:`RemoteProtocolError` -- the server sent something malformed, out of
   order, or forbidden at that point.
+* :class:`TLSError` -- the TLS layer could not be set up or the handshake or
+  certificate checks failed (``__cause__`` is the :class:`ssl.SSLError`, when
+  there is one).
+* :class:`AuthenticationError` -- the client refused to go on with what the
+  server asked for (``require_auth``, ``channel_binding``, no password
+  supplied, a SCRAM server signature that does not verify).
+* :class:`ServerError` -- the server sent an ErrorResponse; it carries the
+  SQLSTATE and every field.
+* :class:`ConnectError` -- no connection could be made; it carries one
+  :class:`Attempt` record per attempt, each with the error that ended it.
 
 Messages never contain a password: the parsers mask secrets before they build
 a message, and :class:`Error` itself offers no way to attach raw input.
@@ -18,7 +28,13 @@ a message, and :class:`Error` itself offers no way to attach raw input.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
 __all__ = [
+    "Attempt",
+    "AuthenticationError",
+    "ConnectError",
     "ConninfoError",
     "Error",
     "LocalProtocolError",
@@ -26,6 +42,9 @@ __all__ = [
     "PgprotoWarning",
     "ProtocolError",
     "RemoteProtocolError",
+    "ServerError",
+    "TLSError",
+    "TransportError",
 ]
 
 
@@ -63,6 +82,136 @@ class LocalProtocolError(ProtocolError):
 
 class RemoteProtocolError(ProtocolError):
     """The server broke the protocol."""
+
+
+class TLSError(Error):
+    """TLS could not be set up, or the handshake or a certificate check failed."""
+
+
+class AuthenticationError(Error):
+    """The client refused the server's authentication, or could not answer it."""
+
+
+class TransportError(Error):
+    """The transport (socket, name resolution) failed; reported by an adapter.
+
+    ``errno`` is the OS error number when there is one.
+    """
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+#: ErrorResponse/NoticeResponse field codes and their names.
+FIELD_NAMES: dict[str, str] = {
+    "S": "severity_localized",
+    "V": "severity",
+    "C": "sqlstate",
+    "M": "message",
+    "D": "detail",
+    "H": "hint",
+    "P": "position",
+    "p": "internal_position",
+    "q": "internal_query",
+    "W": "context",
+    "s": "schema_name",
+    "t": "table_name",
+    "c": "column_name",
+    "d": "datatype_name",
+    "n": "constraint_name",
+    "F": "source_file",
+    "L": "source_line",
+    "R": "source_function",
+}
+
+
+class ServerError(Error):
+    """The server answered with an ErrorResponse.
+
+    :attr:`fields` maps the one-letter field codes to their values;
+    :attr:`sqlstate`, :attr:`severity`, :attr:`message_text`, :attr:`detail`
+    and :attr:`hint` are the common ones.
+    """
+
+    def __init__(self, fields: Mapping[str, str]) -> None:
+        self.fields: dict[str, str] = dict(fields)
+        severity = self.fields.get("S") or self.fields.get("V") or "ERROR"
+        super().__init__(f"{severity}:  {self.fields.get('M', '(no message)')}")
+
+    @property
+    def sqlstate(self) -> str | None:
+        return self.fields.get("C")
+
+    @property
+    def severity(self) -> str | None:
+        return self.fields.get("V") or self.fields.get("S")
+
+    @property
+    def message_text(self) -> str:
+        return self.fields.get("M", "")
+
+    @property
+    def detail(self) -> str | None:
+        return self.fields.get("D")
+
+    @property
+    def hint(self) -> str | None:
+        return self.fields.get("H")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Attempt:
+    """One connection attempt that failed: where, at which step, and why.
+
+    ``host`` is the host name as given (None when only hostaddr was), ``address``
+    the address dialled (an IP address or a socket path), ``step`` the
+    ``CONNECTION_*`` step that failed, in libpq's words, ``encryption`` what was
+    in use or being set up ("ssl", "plaintext"), ``error`` the exception.
+    """
+
+    host: str | None
+    address: str | None
+    port: int | None
+    step: str
+    encryption: str
+    error: BaseException
+
+    @property
+    def sqlstate(self) -> str | None:
+        return self.error.sqlstate if isinstance(self.error, ServerError) else None
+
+    def describe(self) -> str:
+        """libpq's shape: ``connection to server at "h" (a), port p failed: ...``."""
+        if self.host and self.host.startswith(("/", "@")):
+            where = f'connection to server on socket "{self.address}"'
+        elif self.host and self.address and self.host != self.address:
+            where = f'connection to server at "{self.host}" ({self.address}), port {self.port}'
+        else:
+            where = f'connection to server at "{self.host or self.address}", port {self.port}'
+        return f"{where} failed ({self.step}, {self.encryption}): {self.error}"
+
+
+class ConnectError(Error):
+    """No connection could be established.
+
+    :attr:`attempts` lists every attempt in order; the message lists them all,
+    one line each, in libpq's "connection to server at ... failed:" shape.
+    """
+
+    def __init__(self, attempts: Sequence[Attempt], message: str | None = None) -> None:
+        self.attempts: tuple[Attempt, ...] = tuple(attempts)
+        if message is None:
+            message = "\n".join(a.describe() for a in self.attempts) or "no connection attempt made"
+        super().__init__(message)
+
+    @property
+    def sqlstate(self) -> str | None:
+        """The SQLSTATE of the last attempt that got one, else None."""
+        for attempt in reversed(self.attempts):
+            if attempt.sqlstate:
+                return attempt.sqlstate
+        return None
 
 
 class PgprotoWarning(UserWarning):

@@ -170,6 +170,7 @@ class ConnParams:
         "_sources",
         "_values",
         "connect_timeout",
+        "env",
         "hosts",
         "keepalives",
         "keepalives_count",
@@ -186,6 +187,9 @@ class ConnParams:
     _values: dict[str, str | None]
     _sources: dict[str, Source]
     hosts: tuple[HostParams, ...]
+    #: The process state the parameters were resolved with (the connection
+    #: reads PGDATESTYLE/PGTZ/PGGEQO and the home directory from it).
+    env: Environment
     #: Seconds per address (the seed's rule: 1 means 2), or None to wait forever.
     connect_timeout: int | None
     keepalives: bool
@@ -478,6 +482,7 @@ def _connect_options(
     params._values = values
     params._sources = sources
     params.hosts = hosts
+    params.env = env
     params.connect_timeout = _connect_timeout(values)
     keepalives = _int_option(values, "keepalives")
     params.keepalives = keepalives is None or keepalives != 0

@@ -109,6 +109,10 @@ def query(sql: str) -> bytes:
     return _message(b"Q", _cstring(sql))
 
 
+def copy_fail(reason: str) -> bytes:
+    return _message(b"f", _cstring(reason))
+
+
 def terminate() -> bytes:
     return b"X\x00\x00\x00\x04"
 
@@ -343,6 +347,16 @@ def parse_negotiate_protocol_version(body: bytes) -> tuple[int, list[str]]:
     options = [text(reader.cstring()) for _ in range(count)]
     reader.end()
     return minor, options
+
+
+def parse_notification(body: bytes) -> tuple[int, str, str]:
+    """NotificationResponse: the notifying backend's pid, channel, payload."""
+    reader = _Reader(body, "NotificationResponse")
+    pid = reader.int32()
+    channel = text(reader.cstring())
+    payload = text(reader.cstring())
+    reader.end()
+    return pid, channel, payload
 
 
 def parse_row_description(body: bytes) -> list[str]:

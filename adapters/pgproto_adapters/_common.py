@@ -1,0 +1,239 @@
+"""What the adapters share: socket setup, query results, the Connection surface.
+
+Everything here is IO-model neutral: it builds and configures sockets but
+never waits on them.  Each adapter module is the pump loop for one IO model.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from pgproto import (
+    ConnParams,
+    Environment,
+    LocalProtocolError,
+    ServerError,
+    resolve_params,
+)
+from pgproto._events import (
+    Address,
+    CommandComplete,
+    DataRow,
+    EmptyQueryResponse,
+    ErrorResponse,
+    Event,
+    NoticeResponse,
+    OpenConnection,
+    ReadyForQuery,
+    RowDescription,
+)
+from pgproto._machine import ConnectionStateMachine
+
+__all__ = [
+    "ConnectionBase",
+    "QueryCollector",
+    "QueryResult",
+    "Tracer",
+    "make_machine",
+    "open_socket",
+]
+
+#: A callable that sees every event the machine produces (``--trace`` uses it).
+Tracer = Callable[[Event], None]
+
+RECV_SIZE: Final = 65536
+
+
+def make_machine(
+    conninfo: str,
+    kwargs: dict[str, Any],
+    *,
+    env: Environment | None = None,
+    random_bytes: Callable[[int], bytes] | None = None,
+    key_passphrase_hook: Callable[[str], str] | None = None,
+) -> ConnectionStateMachine:
+    """Resolve the parameters and build the machine for one connection."""
+    params: ConnParams = resolve_params(conninfo, env=env, **kwargs)
+    extra: dict[str, Any] = {}
+    if random_bytes is not None:
+        extra["random_bytes"] = random_bytes
+    return ConnectionStateMachine(params, key_passphrase_hook=key_passphrase_hook, **extra)
+
+
+def _family(address: Address) -> socket.AddressFamily:
+    if address.kind == "unix":
+        return socket.AF_UNIX
+    return socket.AF_INET6 if ipaddress.ip_address(address.address).version == 6 else socket.AF_INET
+
+
+def sockaddr(address: Address) -> str | bytes | tuple[str, int]:
+    """The address in the form ``socket.connect`` takes."""
+    if address.kind == "unix":
+        if address.address.startswith("@"):
+            return b"\x00" + address.address[1:].encode("utf-8", "surrogateescape")
+        return address.address
+    return (address.address, address.port)
+
+
+def open_socket(command: OpenConnection) -> socket.socket:
+    """A non-blocking, close-on-exec socket for *command*, with libpq's TCP options."""
+    sock = socket.socket(_family(command.address), socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        if command.address.kind == "tcp":
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if command.keepalives:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                _set_tcp(sock, "TCP_KEEPIDLE", command.keepalives_idle)
+                _set_tcp(sock, "TCP_KEEPINTVL", command.keepalives_interval)
+                _set_tcp(sock, "TCP_KEEPCNT", command.keepalives_count)
+                _set_tcp(sock, "TCP_USER_TIMEOUT", command.tcp_user_timeout)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _set_tcp(sock: socket.socket, name: str, value: int | None) -> None:
+    option = getattr(socket, name, None)
+    if value is not None and value > 0 and option is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
+def resolve(host: str, port: int) -> list[str]:
+    """getaddrinfo in libpq's way: every stream address, resolver order."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos if info[0] in (socket.AF_INET, socket.AF_INET6)]
+
+
+# --------------------------------------------------------------------------
+# query results
+
+
+@dataclass(slots=True)
+class QueryResult:
+    """One statement's result: column names, rows of text (None for NULL), tag."""
+
+    columns: tuple[str, ...] = ()
+    rows: list[tuple[str | None, ...]] = field(default_factory=list)
+    tag: str | None = None
+
+
+class QueryCollector:
+    """Gathers the events of one simple query into results."""
+
+    __slots__ = ("error", "results")
+
+    def __init__(self) -> None:
+        self.results: list[QueryResult] = []
+        self.error: ServerError | None = None
+
+    def feed(self, event: Event) -> bool:
+        """Take one event; True once the query is over (ReadyForQuery)."""
+        if isinstance(event, DataRow):
+            if not self.results or self.results[-1].tag is not None:
+                self.results.append(QueryResult())
+            self.results[-1].rows.append(event.values)
+        elif isinstance(event, RowDescription):
+            self.results.append(QueryResult(columns=event.columns))
+        elif isinstance(event, CommandComplete):
+            if not self.results or self.results[-1].tag is not None:
+                self.results.append(QueryResult())
+            self.results[-1].tag = event.tag
+        elif isinstance(event, EmptyQueryResponse):
+            self.results.append(QueryResult(tag=""))
+        elif isinstance(event, ErrorResponse):
+            if self.error is None:
+                self.error = event.error
+        elif isinstance(event, ReadyForQuery):
+            return True
+        return False
+
+    def outcome(self) -> list[QueryResult]:
+        if self.error is not None:
+            raise self.error
+        return self.results
+
+
+# --------------------------------------------------------------------------
+# the Connection surface
+
+
+class ConnectionBase:
+    """The read-only surface every adapter's Connection shares."""
+
+    _machine: ConnectionStateMachine
+
+    def __init__(self, machine: ConnectionStateMachine) -> None:
+        self._machine = machine
+        self.notices: list[NoticeResponse] = []
+
+    @property
+    def machine(self) -> ConnectionStateMachine:
+        return self._machine
+
+    @property
+    def host(self) -> str | None:
+        """The host name this connection went to (None if only hostaddr was given)."""
+        host = self._machine.host
+        return host.host if host is not None else None
+
+    @property
+    def hostaddr(self) -> str | None:
+        """The address dialled: numeric IP, or the socket path."""
+        address = self._machine.address
+        return address.address if address is not None else None
+
+    @property
+    def port(self) -> int | None:
+        address = self._machine.address
+        return address.port if address is not None else None
+
+    @property
+    def ssl_in_use(self) -> bool:
+        return self._machine.ssl_in_use
+
+    @property
+    def protocol_version(self) -> tuple[int, int]:
+        return self._machine.protocol_version
+
+    @property
+    def backend_pid(self) -> int | None:
+        return self._machine.backend_pid
+
+    @property
+    def server_parameters(self) -> dict[str, str]:
+        return self._machine.server_parameters
+
+    @property
+    def auth_method(self) -> str | None:
+        return self._machine.auth_method
+
+    @property
+    def channel_binding_used(self) -> bool:
+        return self._machine.channel_binding_used
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    _closed: bool = False
+
+    def _begin_query(self, sql: str) -> QueryCollector:
+        if self._closed:
+            raise LocalProtocolError("the connection is closed")
+        self._machine.send_query(sql)
+        return QueryCollector()
+
+    def _note(self, event: Event) -> None:
+        if isinstance(event, NoticeResponse):
+            self.notices.append(event)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else self._machine.status.name
+        where = self.hostaddr or "?"
+        return f"<{type(self).__module__}.{type(self).__name__} {state} {where}:{self.port}>"

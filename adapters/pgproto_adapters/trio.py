@@ -1,0 +1,186 @@
+"""Connections for :mod:`trio`, over trio sockets."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from pgproto import Environment, PollingStatus
+from pgproto._events import NEED_DATA, CloseConnection, OpenConnection, ResolveHost, StartTimer
+from pgproto._machine import ConnectionStateMachine
+
+from ._common import (
+    RECV_SIZE,
+    ConnectionBase,
+    QueryResult,
+    Tracer,
+    make_machine,
+    open_socket,
+    sockaddr,
+)
+
+__all__ = ["Connection", "connect"]
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.sock: trio.socket.SocketType | None = None
+        self.deadline = float("inf")
+
+    def drop(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+async def _pump(
+    machine: ConnectionStateMachine, io: _Transport, trace: Tracer | None, until_idle: bool
+) -> list[Any]:
+    events: list[Any] = []
+    while True:
+        event = machine.next_event()
+        if event is NEED_DATA:
+            status = machine.poll()
+            if status is PollingStatus.OK:
+                return events
+            assert io.sock is not None
+            with trio.move_on_at(io.deadline) as scope:
+                if status is PollingStatus.WRITING:
+                    data = memoryview(machine.data_to_send())
+                    while data:
+                        data = data[await io.sock.send(data) :]
+                else:
+                    try:
+                        received = await io.sock.recv(RECV_SIZE)
+                    except OSError:
+                        received = b""
+                    machine.receive_data(received)
+            if scope.cancelled_caught:
+                machine.timer_expired()
+            continue
+        if trace is not None:
+            trace(event)
+        if isinstance(event, OpenConnection):
+            try:
+                io.sock = trio.socket.from_stdlib_socket(open_socket(event))
+            except OSError as exc:
+                machine.connection_failed(exc)
+                continue
+            try:
+                with trio.move_on_at(io.deadline) as scope:
+                    await io.sock.connect(sockaddr(event.address))
+            except OSError as exc:
+                io.drop()
+                machine.connection_failed(exc)
+                continue
+            if scope.cancelled_caught:
+                io.drop()
+                machine.timer_expired()
+            else:
+                machine.connection_made()
+        elif isinstance(event, CloseConnection):
+            if io.sock is not None and event.data:
+                _send_nowait(io.sock, event.data)
+            io.drop()
+        elif isinstance(event, ResolveHost):
+            try:
+                infos = await trio.socket.getaddrinfo(
+                    event.host, event.port, type=socket.SOCK_STREAM
+                )
+            except socket.gaierror as exc:
+                machine.resolve_failed(exc.strerror or str(exc))
+            else:
+                machine.addresses_resolved(
+                    [str(i[4][0]) for i in infos if i[0] in (socket.AF_INET, socket.AF_INET6)]
+                )
+        elif isinstance(event, StartTimer):
+            io.deadline = trio.current_time() + event.seconds
+        elif until_idle:
+            events.append(event)
+
+
+class Connection(ConnectionBase):
+    """An established connection (trio)."""
+
+    def __init__(
+        self, machine: ConnectionStateMachine, io: _Transport, trace: Tracer | None
+    ) -> None:
+        super().__init__(machine)
+        self._io = io
+        self._trace = trace
+
+    async def simple_query(self, sql: str) -> list[QueryResult]:
+        """Run *sql* with the simple query protocol; raises ServerError on error."""
+        collector = self._begin_query(sql)
+        try:
+            for event in await _pump(self._machine, self._io, self._trace, until_idle=True):
+                self._note(event)
+                collector.feed(event)
+        except BaseException:
+            await self.close()
+            raise
+        return collector.outcome()
+
+    async def close(self) -> None:
+        """Send Terminate (if healthy) and close the socket. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._machine.close()
+        try:
+            while (event := self._machine.next_event()) is not NEED_DATA:
+                if isinstance(event, CloseConnection) and event.data and self._io.sock is not None:
+                    _send_nowait(self._io.sock, event.data)
+        except Exception:  # noqa: S110 - closing: the error was already reported
+            pass
+        finally:
+            self._io.drop()
+
+    async def __aenter__(self) -> Connection:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+def _send_nowait(sock: trio.socket.SocketType, data: bytes) -> None:
+    """Best-effort send of a final message without waiting (the socket is
+    about to close; Terminate is a courtesy)."""
+    raw = socket.socket(fileno=sock.fileno())
+    try:
+        with contextlib.suppress(OSError):
+            raw.send(data)
+    finally:
+        raw.detach()
+
+
+async def connect(
+    conninfo: str = "",
+    /,
+    *,
+    env: Environment | None = None,
+    trace: Tracer | None = None,
+    random_bytes: Callable[[int], bytes] | None = None,
+    key_passphrase_hook: Callable[[str], str] | None = None,
+    **kwargs: Any,
+) -> Connection:
+    """Connect as libpq's PQconnectdbParams does; raises :class:`pgproto.ConnectError`."""
+    machine = make_machine(
+        conninfo,
+        kwargs,
+        env=env,
+        random_bytes=random_bytes,
+        key_passphrase_hook=key_passphrase_hook,
+    )
+    io = _Transport()
+    try:
+        await _pump(machine, io, trace, until_idle=False)
+    except BaseException:
+        io.drop()
+        raise
+    io.deadline = float("inf")
+    return Connection(machine, io, trace)
