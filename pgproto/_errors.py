@@ -189,7 +189,13 @@ class Attempt:
             where = f'connection to server at "{self.host}" ({self.address}), port {self.port}'
         else:
             where = f'connection to server at "{self.host or self.address}", port {self.port}'
-        return f"{where} failed ({self.step}, {self.encryption}): {self.error}"
+        notes = "".join(f"\n{note}" for note in getattr(self.error, "__notes__", ()))
+        return f"{where} failed ({self.step}, {self.encryption}): {self.error}{notes}"
+
+    @property
+    def hostaddr(self) -> str | None:
+        """The address dialled (numeric IP or socket path); same as :attr:`address`."""
+        return self.address
 
 
 class ConnectError(Error):

@@ -105,7 +105,7 @@ from ._events import (
     StatusChanged,
     TLSEstablished,
 )
-from ._params import ConnParams, HostParams, HostType
+from ._params import ConnParams, HostParams, HostType, SourceKind
 from ._scram import (
     DEFAULT_CACHE,
     MAX_ITERATIONS_DEFAULT,
@@ -501,8 +501,11 @@ class ConnectionStateMachine:
         """The per-address deadline of the last :class:`StartTimer` passed."""
         if self._status in (_S.OK, _S.BAD):
             return
+        resolving = self._awaiting == "resolve"
         self._awaiting = None
-        self._attempt_failed(TransportError("timeout expired"), _NEXT_ADDR)
+        self._attempt_failed(
+            TransportError("timeout expired"), _NEXT_HOST if resolving else _NEXT_ADDR
+        )
 
     # Use of an established connection.
 
@@ -530,8 +533,12 @@ class ConnectionStateMachine:
                 self._out += self._tls.ciphertext_to_send()
             self._set(Input.CLOSED)
             self._error = None
-        elif self._status is not _S.BAD:
-            self._status = _S.BAD
+        else:
+            # Abandoning a connection that is not established: what is queued
+            # (perhaps a password) is dropped, as PQfinish drops it.
+            self._out.clear()
+            if self._status is not _S.BAD:
+                self._set(Input.FAILED)
         if self._transport_open:
             self._events.append(CloseConnection(data=self.data_to_send()))
             self._transport_open = False
@@ -546,9 +553,12 @@ class ConnectionStateMachine:
         return error
 
     def _poison(self, error: Error) -> None:
-        self._status = _S.BAD
+        if self._status is not _S.BAD:
+            self._set(Input.FAILED)
         if self._error is None:
             self._error = error
+        self._awaiting = None
+        self._close_transport()
 
     def _answer(self, what: str) -> None:
         if self._awaiting != what:
@@ -623,6 +633,10 @@ class ConnectionStateMachine:
             self._failed.add(self._method)
             following = self._next_method()
             outcome = _FALLBACK if following is not None else _HARD
+        elif outcome == _NEXT_ADDR and self._addr_index + 1 >= len(self._addresses):
+            outcome = _NEXT_HOST
+        if outcome == _NEXT_HOST and not self._hosts_left():
+            outcome = _HARD
         self._events.append(AttemptFailed(attempt=attempt, next=outcome))
         self._close_transport()
         if outcome == _HARD:
@@ -667,6 +681,9 @@ class ConnectionStateMachine:
                 continue
             if host.type is HostType.NAME:
                 assert host.host is not None
+                if self.params.connect_timeout is not None:
+                    # The name lookup gets the per-address budget too.
+                    self._events.append(StartTimer(seconds=float(self.params.connect_timeout)))
                 self._awaiting = "resolve"
                 self._events.append(ResolveHost(host=host.host, port=host.port))
                 return
@@ -696,10 +713,17 @@ class ConnectionStateMachine:
             self._start_addresses([Address(kind="unix", address=path, port=host.port)])
             return
 
+    def _hosts_left(self) -> bool:
+        """Is there another host to try after the current one?"""
+        if self._host_index + 1 < len(self._hosts):
+            return True
+        return self._target == "prefer-standby" and not self._second_pass
+
     def _record_host_error(self, error: Error) -> None:
         attempt = self._current_attempt(error)
         self._attempts.append(attempt)
-        self._events.append(AttemptFailed(attempt=attempt, next=_NEXT_HOST))
+        following = _NEXT_HOST if self._hosts_left() else _HARD
+        self._events.append(AttemptFailed(attempt=attempt, next=following))
 
     def _start_addresses(self, addresses: list[Address]) -> None:
         if self._rng is not None and self.params["load_balance_hosts"] == "random":
@@ -780,7 +804,7 @@ class ConnectionStateMachine:
             return True
         message = self._next_message()
         if message is None:
-            if self._eof and not self._in:
+            if self._eof:  # whatever is buffered can never be completed
                 raise _Failure(TransportError(_EOF_MESSAGE), _HARD)
             return False
         if status is _S.AWAITING_RESPONSE:
@@ -898,7 +922,7 @@ class ConnectionStateMachine:
                 )
             raise _Failure(
                 RemoteProtocolError(
-                    f"received invalid response to SSL negotiation: {reply.decode('latin-1')!r}"
+                    f"received invalid response to SSL negotiation: {reply.decode('latin-1')}"
                 ),
                 _HARD,
             )
@@ -944,6 +968,15 @@ class ConnectionStateMachine:
             error = ServerError(_wire.parse_fields(message.body))
             if error.sqlstate == _SQLSTATE_CANNOT_CONNECT_NOW:
                 raise _Failure(error, _NEXT_HOST)
+            source = self._host.password_source if self._host is not None else None
+            if (
+                error.sqlstate == _SQLSTATE_INVALID_PASSWORD
+                and self._password_used
+                and source is not None
+                and source.kind is SourceKind.PASSWORD_FILE
+            ):
+                # pgpassfileWarning: say where the rejected password came from.
+                error.add_note(f'password retrieved from file "{source.path}"')
             raise _Failure(error, _FALLBACK)
         elif kind == b"v":
             if self._negotiated:
@@ -959,6 +992,11 @@ class ConnectionStateMachine:
         if len(body) < 8:
             raise RemoteProtocolError(
                 "received invalid protocol negotiation message: message too short"
+            )
+        if int.from_bytes(body[4:8], "big", signed=True) < 0:
+            raise RemoteProtocolError(
+                "received invalid protocol negotiation message: server reported negative "
+                "number of unsupported parameters"
             )
         try:
             newest, options = _wire.parse_negotiate_protocol_version(body)
@@ -1308,7 +1346,8 @@ class ConnectionStateMachine:
         self._write(_wire.terminate())
         data = self.data_to_send()
         self._attempts.append(self._current_attempt(Error(reason)))
-        self._events.append(AttemptFailed(attempt=self._attempts[-1], next=_NEXT_HOST))
+        following = _NEXT_HOST if self._hosts_left() else _HARD
+        self._events.append(AttemptFailed(attempt=self._attempts[-1], next=following))
         if self._transport_open:
             self._events.append(CloseConnection(data=data))
             self._transport_open = False

@@ -299,15 +299,17 @@ def parse_backend_key_data(body: bytes, version: tuple[int, int]) -> tuple[int, 
     reader = _Reader(body, "BackendKeyData")
     pid = reader.int32()
     key = reader.rest()
-    if version < PROTOCOL_3_2:
-        if len(key) != 4:
-            raise RemoteProtocolError(
-                f"BackendKeyData carries a {len(key)}-byte key, but protocol 3.0 keys are 4 bytes"
-            )
-    elif not 4 <= len(key) <= MAX_CANCEL_KEY_LENGTH:
+    # libpq's checks and wording (fe-protocol3.c, getBackendKeyData).
+    prefix = "received invalid BackendKeyData message: cancel key with length"
+    if len(key) < 4:
+        raise RemoteProtocolError(f"{prefix} {len(key)} is too short (minimum 4 bytes)")
+    if len(key) > MAX_CANCEL_KEY_LENGTH:
         raise RemoteProtocolError(
-            f"BackendKeyData carries a {len(key)}-byte key; the limit is "
-            f"{MAX_CANCEL_KEY_LENGTH} bytes"
+            f"{prefix} {len(key)} is too long (maximum {MAX_CANCEL_KEY_LENGTH} bytes)"
+        )
+    if version < PROTOCOL_3_2 and len(key) != 4:
+        raise RemoteProtocolError(
+            f"{prefix} {len(key)} not allowed in protocol version 3.0 (must be 4 bytes)"
         )
     return pid, key
 
