@@ -29,7 +29,6 @@ from ._errors import Attempt, ServerError
 
 __all__ = [
     "NEED_DATA",
-    "NeedData",
     "Address",
     "AttemptFailed",
     "AttemptStarted",
@@ -43,6 +42,7 @@ __all__ = [
     "EmptyQueryResponse",
     "ErrorResponse",
     "Event",
+    "NeedData",
     "NegotiateProtocolVersion",
     "NoticeResponse",
     "NotificationResponse",

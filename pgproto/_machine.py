@@ -80,7 +80,6 @@ from ._errors import (
 from ._events import (
     NEED_DATA,
     Address,
-    NeedData,
     AttemptFailed,
     AttemptStarted,
     AuthenticationCompleted,
@@ -93,6 +92,7 @@ from ._events import (
     EmptyQueryResponse,
     ErrorResponse,
     Event,
+    NeedData,
     NegotiateProtocolVersion,
     NoticeResponse,
     NotificationResponse,
