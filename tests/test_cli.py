@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 from pgproto_adapters._cli import main
+from pgproto_adapters._cluster import Cluster, free_port
+from servers import ROLES, TLSMaterial
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,3 +102,112 @@ def test_empty_port_element_is_attributed_to_the_default(
     first, second = out.split("host 2 of 2")
     assert "port      5432    compiled-in default" in first
     assert "port      5433    connection string" in second
+
+
+# --------------------------------------------------------------------------
+# pgproto connect / pgproto demo
+
+
+def test_connect_trace_over_tls_with_scram(
+    home: Path,
+    pg18: Cluster,
+    tls_material: TLSMaterial,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    role = ROLES["scram_user"]
+    assert role.password is not None
+    dsn = pg18.dsn(
+        host="localhost",
+        user=role.name,
+        sslmode="verify-full",
+        sslrootcert=str(tls_material.ca_cert),
+        channel_binding="require",
+    )
+    status = main(["connect", dsn, "--trace", "-c", "SELECT current_user, 1 + 1"])
+    captured = capsys.readouterr()
+    # No password given (and an empty HOME: no password file): libpq's message.
+    assert status == 1
+    assert "fe_sendauth: no password supplied" in captured.err
+
+    monkeypatch.setenv("PGPASSWORD", role.password)
+    status = main(["connect", dsn, "--trace", "-c", "SELECT current_user, 1 + 1"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    lines = [line.split("ms  ", 1)[-1] for line in out.splitlines()]
+    expected_order = [
+        'resolving host name "localhost"',
+        "status CONNECTION_STARTED",
+        "status CONNECTION_MADE",
+        "status CONNECTION_SSL_STARTUP",
+        "status CONNECTION_AWAITING_RESPONSE",
+        "status CONNECTION_AUTH_OK",
+        "status CONNECTION_CHECK_TARGET",
+        "status CONNECTION_OK",
+    ]
+    positions = [lines.index(step) for step in expected_order]
+    assert positions == sorted(positions)
+    assert any(
+        line.startswith("TLS established: TLSv1.3") and "host name verified" in line
+        for line in lines
+    )
+    assert any("using SCRAM-SHA-256-PLUS" in line for line in lines)
+    assert (
+        "authenticated: method SCRAM-SHA-256-PLUS, channel binding used, "
+        "server signature verified" in lines
+    )
+    assert f"  {role.name} | 2" in out
+    assert "authentication: SCRAM-SHA-256-PLUS, channel binding used" in out
+    assert role.password not in out
+
+
+@pytest.mark.parametrize("adapter", ["blocking", "asyncio", "trio"])
+def test_connect_each_adapter_over_unix_socket(
+    home: Path, pg15: Cluster, adapter: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dsn = pg15.dsn(host=str(pg15.socket_dir), user="trust_user")
+    assert main(["connect", dsn, "--adapter", adapter, "-c", "SELECT 'x', NULL"]) == 0
+    out = capsys.readouterr().out
+    assert "TLS: no; authentication: none" in out
+    assert "  x | NULL" in out
+    assert "server 15." in out
+
+
+def test_connect_failure_names_host_address_and_step(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = free_port()  # nothing listens there
+    assert main(["connect", f"host=127.0.0.1 port={port} sslmode=disable"]) == 1
+    err = capsys.readouterr().err
+    assert f'connection to server at "127.0.0.1", port {port} failed' in err
+    assert "opening the connection" in err
+    assert "Connection refused" in err
+
+
+def test_connect_query_error_exit_status(
+    home: Path, pg18: Cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dsn = pg18.dsn(host=str(pg18.socket_dir))
+    assert main(["connect", dsn, "-c", "SELECT 1/0"]) == 1
+    assert "division by zero (SQLSTATE 22012)" in capsys.readouterr().err
+
+
+def test_demo_runs_every_adapter(home: Path) -> None:
+    """README's main command: a throwaway server, three adapters, traced."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pgproto_adapters", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "adapters") + os.pathsep + str(ROOT)},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    for adapter in ("blocking", "asyncio", "trio"):
+        assert f"=== {adapter}: Unix socket, trust" in out
+        assert f"=== {adapter}: TCP + TLS (verify-full) + SCRAM-SHA-256-PLUS" in out
+    assert out.count("authenticated: method SCRAM-SHA-256-PLUS, channel binding used") == 3
+    assert out.count("status CONNECTION_OK") == 6
+    assert "demo-secret" not in out
+    assert "server stopped and removed." in out
