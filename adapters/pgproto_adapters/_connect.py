@@ -56,8 +56,9 @@ def _report(
     if conn.host and conn.host != where:
         where = f"{conn.host} ({where})"
     version = ".".join(map(str, conn.protocol_version))
+    server = conn.server_parameters.get("server_version", "?")
     out.write(
-        f"connected to {where} port {conn.port}: server {conn.server_parameters.get('server_version', '?')}, "
+        f"connected to {where} port {conn.port}: server {server}, "
         f"protocol {version}, backend pid {conn.backend_pid}\n"
         f"  TLS: {'yes' if conn.ssl_in_use else 'no'}; authentication: {conn.auth_method}"
         + (", channel binding used" if conn.channel_binding_used else "")
