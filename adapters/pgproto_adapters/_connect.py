@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import importlib.util
 import ipaddress
 import sys
 import tempfile
@@ -204,7 +205,12 @@ def run_demo(*, major: int | None, out: TextIO) -> int:
                     {"password": password},
                 ),
             ]
-            for adapter in ("blocking", "asyncio", "trio"):
+            adapters = ["blocking", "asyncio"]
+            if importlib.util.find_spec("trio") is not None:
+                adapters.append("trio")
+            else:
+                out.write("(trio is not installed: pip install 'pgproto[trio]' to see it too)\n")
+            for adapter in adapters:
                 for title, dsn, extra in scenarios:
                     shown = dsn if "password" not in extra else dsn + " password=********"
                     out.write(f"\n=== {adapter}: {title}\n    {shown}\n")
