@@ -1,0 +1,64 @@
+"""Smoke test of ``benchmarks/bench_connect.py``, so that the benchmark cannot rot.
+
+It runs the whole script in-process, with two connections per client, against
+the session's PostgreSQL 18 (``--*-dsn`` options, so no server of its own):
+every client connects in every scenario, the checks pass and the tables, the
+verdicts and the profile are printed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from pgproto_adapters._cluster import Cluster
+from psycopg.conninfo import make_conninfo
+from servers import TLSMaterial, connect_params
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_connect.py"
+
+
+def _load(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_connect", BENCH)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_connect_quick(
+    pg18: Cluster,
+    tls_material: TLSMaterial,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    bench = _load(monkeypatch)
+    scram = {"user": "scram_user", "password": "pw-scram"}
+    unix = connect_params(pg18, "unix", tls_material, user="trust_user")
+    tcp = connect_params(pg18, "tcp", tls_material, **scram)
+    tls = connect_params(pg18, "tls", tls_material, **scram, host="127.0.0.1")
+    argv = [
+        "--quick",
+        "--connections=2",
+        "--warmup=1",
+        "--rounds=2",
+        "--profile=2",
+        f"--unix-dsn={make_conninfo('', **unix)}",
+        f"--tcp-dsn={make_conninfo('', **tcp)}",
+        f"--tls-dsn={make_conninfo('', **tls)}",
+    ]
+    status = bench.main(argv)
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "warning" not in out
+    for title in bench._TITLES.values():
+        assert f"== {title}: N=2 per client" in out
+    # pgproto blocking, asyncio and trio everywhere, plus "no cache" in both SCRAM scenarios
+    assert out.count("verdict: pgproto") == 3 + 4 + 4
+    assert "TLS as the server saw it: pgproto TLSv1.3" in out
+    assert out.count("== cProfile, pgproto blocking") == 3 + 2
