@@ -9,6 +9,7 @@ the environment leads to.
 
 from __future__ import annotations
 
+import functools
 import locale
 import os
 from collections.abc import Mapping
@@ -54,24 +55,51 @@ class Environment:
 
     @classmethod
     def from_os(cls, environ: Mapping[str, str] | None = None) -> Environment:
-        """The environment of this process (``environ`` overrides ``os.environ``)."""
-        env = dict(os.environ if environ is None else environ)
-        uid = os.geteuid()
-        try:
-            import pwd  # noqa: PLC0415  (not on every platform)
+        """The environment of this process (``environ`` overrides ``os.environ``).
 
-            entry: pwd.struct_passwd | None = pwd.getpwuid(uid)
-        except (ImportError, KeyError):
-            entry = None
+        Only the ``PG*`` variables are kept (the only ones libpq reads besides
+        ``HOME``); the snapshot is taken now, as libpq reads the environment
+        when it starts connecting.
+        """
+        env = _pg_variables() if environ is None else dict(environ)
+        uid = os.geteuid()
+        entry = _password_entry(uid)
         # libpq: $HOME when set and non-empty, else the password database.
-        home = env.get("HOME") or (entry.pw_dir if entry is not None else None)
+        home_variable = os.environ.get("HOME") if environ is None else environ.get("HOME")
+        home = home_variable or (entry[1] if entry is not None else None)
         return cls(
             environ=env,
             home=home,
-            user=entry.pw_name if entry is not None else None,
+            user=entry[0] if entry is not None else None,
             uid=uid,
             client_encoding=encoding_from_locale(),
         )
+
+
+def _pg_variables() -> dict[str, str]:
+    """The process's ``PG*`` variables (decoding only those: connecting often
+    should not pay for decoding a large environment)."""
+    if os.supports_bytes_environ:
+        return {
+            os.fsdecode(key): os.fsdecode(value)
+            for key, value in os.environb.items()
+            if key.startswith(b"PG")
+        }
+    return {
+        key: value for key, value in os.environ.items() if key.startswith("PG")
+    }  # pragma: no cover
+
+
+@functools.lru_cache(maxsize=8)
+def _password_entry(uid: int) -> tuple[str, str] | None:
+    """(user name, home directory) of *uid* from the password database."""
+    try:
+        import pwd  # noqa: PLC0415  (not on every platform)
+
+        entry = pwd.getpwuid(uid)
+    except (ImportError, KeyError):
+        return None
+    return entry.pw_name, entry.pw_dir
 
 
 # PostgreSQL encoding names for the character sets a locale may report

@@ -252,7 +252,10 @@ def create_context(settings: TLSSettings) -> TLSContextInfo:
     context.set_alpn_protocols([ALPN_PROTOCOL])
     if settings.sslkeylogfile:
         _set_keylog(context, settings.sslkeylogfile)
-    _install_message_observer(context)
+    if settings.sslcertmode == "require":
+        # Only sslcertmode=require needs to know whether the server asked for
+        # a certificate; the hook costs a Python call per TLS message.
+        _install_message_observer(context)
     return TLSContextInfo(
         context=context,
         root_loaded=root_source is not None,

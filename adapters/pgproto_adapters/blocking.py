@@ -40,7 +40,13 @@ class _Transport:
 
     def __init__(self) -> None:
         self.sock: socket.socket | None = None
-        self.selector = selectors.DefaultSelector()
+        # One socket at a time: poll(2) needs no kernel object per connection,
+        # unlike epoll.
+        self.selector: selectors.BaseSelector = (
+            selectors.PollSelector()
+            if hasattr(selectors, "PollSelector")
+            else selectors.SelectSelector()
+        )
         self.deadline: float | None = None
 
     def wait(self, events: int) -> bool:

@@ -26,6 +26,9 @@ from ._common import (
 __all__ = ["Connection", "connect"]
 
 
+_NO_DEADLINE = float("inf")
+
+
 class _Transport:
     def __init__(self) -> None:
         self.sock: trio.socket.SocketType | None = None
@@ -48,17 +51,11 @@ async def _pump(
             if status is PollingStatus.OK:
                 return events
             assert io.sock is not None
+            if io.deadline == _NO_DEADLINE:
+                await _exchange(machine, io.sock, status)
+                continue
             with trio.move_on_at(io.deadline) as scope:
-                if status is PollingStatus.WRITING:
-                    data = memoryview(machine.data_to_send())
-                    while data:
-                        data = data[await io.sock.send(data) :]
-                else:
-                    try:
-                        received = await io.sock.recv(RECV_SIZE)
-                    except OSError:
-                        received = b""
-                    machine.receive_data(received)
+                await _exchange(machine, io.sock, status)
             if scope.cancelled_caught:
                 machine.timer_expired()
             continue
@@ -101,6 +98,21 @@ async def _pump(
             io.deadline = trio.current_time() + event.seconds
         elif until_idle:
             events.append(event)
+
+
+async def _exchange(
+    machine: ConnectionStateMachine, sock: trio.socket.SocketType, status: PollingStatus
+) -> None:
+    if status is PollingStatus.WRITING:
+        data = memoryview(machine.data_to_send())
+        while data:
+            data = data[await sock.send(data) :]
+        return
+    try:
+        received = await sock.recv(RECV_SIZE)
+    except OSError:
+        received = b""
+    machine.receive_data(received)
 
 
 class Connection(ConnectionBase):
