@@ -79,6 +79,13 @@ class Environment:
 def _pg_variables() -> dict[str, str]:
     """The process's ``PG*`` variables (decoding only those: connecting often
     should not pay for decoding a large environment)."""
+    # os.environ's own storage, when it has it, avoids a Python-level
+    # __getitem__ per variable (CPython keeps the encoded pairs in ``_data``).
+    data = getattr(os.environ, "_data", None)
+    if isinstance(data, dict) and os.supports_bytes_environ:
+        return {
+            os.fsdecode(key): os.fsdecode(value) for key, value in data.items() if key[:2] == b"PG"
+        }
     if os.supports_bytes_environ:
         return {
             os.fsdecode(key): os.fsdecode(value)
