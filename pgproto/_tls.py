@@ -106,7 +106,7 @@ _KEY_MODE_MESSAGE: Final = (
     "u=rw (0600) or less if owned by the current user, or permissions u=rw,g=r (0640) "
     "or less if owned by root"
 )
-_EOF_MESSAGE: Final = "SSL SYSCALL error: EOF detected"
+_EOF_MESSAGE: Final = "SSL error: unexpected eof while reading"
 
 _TLS_VERSIONS: Final[dict[str, ssl.TLSVersion]] = {
     "tlsv1": ssl.TLSVersion.TLSv1,

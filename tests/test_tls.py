@@ -968,7 +968,7 @@ def test_truncation_is_an_error(session: tuple[TLSEngine, FakeServer]) -> None:
     assert engine.eof is False
     with pytest.raises(TLSError) as info:
         engine.receive()
-    assert str(info.value) == "SSL SYSCALL error: EOF detected"
+    assert str(info.value) == "SSL error: unexpected eof while reading"
     assert isinstance(info.value.__cause__, ssl.SSLEOFError)
 
 
@@ -976,7 +976,7 @@ def test_truncation_without_data(session: tuple[TLSEngine, FakeServer]) -> None:
     engine, _ = session
     engine.receive_ciphertext(b"")
     engine.receive_ciphertext(b"ignored after EOF")
-    with pytest.raises(TLSError, match=r"^SSL SYSCALL error: EOF detected$"):
+    with pytest.raises(TLSError, match=r"^SSL error: unexpected eof while reading$"):
         engine.receive()
 
 
@@ -1002,7 +1002,7 @@ def test_eof_during_handshake() -> None:
     engine.receive_ciphertext(b"")
     with pytest.raises(TLSError) as info:
         engine.do_handshake()
-    assert str(info.value) == "SSL SYSCALL error: EOF detected"
+    assert str(info.value) == "SSL error: unexpected eof while reading"
 
 
 # --------------------------------------------------------------------------
