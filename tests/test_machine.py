@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import pytest
 from fake_server import (
     AUTH_OK,
+    ENV,
     NONCE,
     SECRET,
     SSL_REQUEST,
@@ -32,6 +33,7 @@ from fake_server import (
     connect_error,
     data_row,
     error_response,
+    fixed_nonce,
     make_machine,
     message,
     negotiate,
@@ -60,8 +62,10 @@ from pgproto import (
     CommandComplete,
     Connected,
     ConnectError,
+    ConnectionStateMachine,
     ConnStatus,
     DataRow,
+    Environment,
     Event,
     LocalProtocolError,
     OpenConnection,
@@ -1677,3 +1681,90 @@ def test_every_message_type_in_every_phase(name: str) -> None:
     """Every type byte, well framed, with a short body: a typed error or progress."""
     for kind in range(256):
         _fuzz_run(PHASES[name], message(bytes([kind]), b"\x00\x00\x00\x00"), [], eof=False)
+
+
+# --------------------------------------------------------------------------
+# the startup packet (reference spec §7.1)
+
+
+def _startup(env: Environment = ENV, **params: str | int | None) -> tuple[int, dict[str, str]]:
+    machine = ConnectionStateMachine(
+        _resolve_with(env, **params), random_bytes=fixed_nonce, scram_cache=None
+    )
+    h = Harness(machine)
+    assert h.pump() is READING
+    (startup,) = client_messages(h.take(), untyped_first=1)
+    return startup_parameters(startup.body)
+
+
+def _resolve_with(env: Environment, **overrides: str | int | None) -> pgproto.ConnParams:
+    kwargs: dict[str, str | int | None] = {
+        "host": "db.example",
+        "user": "alice",
+        "dbname": "app",
+        "sslmode": "disable",
+    }
+    kwargs.update(overrides)
+    return pgproto.resolve_params(env=env, **kwargs)  # type: ignore[arg-type]
+
+
+def test_startup_packet_minimal() -> None:
+    version, pairs = _startup()
+    assert version == 196608  # 3.0 unless asked
+    assert list(pairs.items()) == [("user", "alice"), ("database", "app")]
+
+
+def test_startup_packet_every_parameter_in_libpq_order() -> None:
+    env = Environment(
+        environ={"PGDATESTYLE": "ISO, DMY", "PGTZ": "Europe/Paris", "PGGEQO": "off"},
+        user="pgproto-test",
+        uid=4242,
+        client_encoding="LATIN1",
+    )
+    version, pairs = _startup(
+        env,
+        replication="database",
+        options="-c search_path=app",
+        application_name="reporting",
+        fallback_application_name="pgproto-tests",
+        client_encoding="auto",
+        max_protocol_version="3.2",
+    )
+    assert version == 196610
+    assert list(pairs.items()) == [
+        ("user", "alice"),
+        ("database", "app"),
+        ("replication", "database"),
+        ("options", "-c search_path=app"),
+        ("application_name", "reporting"),
+        ("client_encoding", "LATIN1"),  # client_encoding=auto, from the locale
+        ("datestyle", "ISO, DMY"),
+        ("timezone", "Europe/Paris"),
+        ("geqo", "off"),
+    ]
+
+
+def test_startup_packet_fallback_application_name() -> None:
+    assert _startup(fallback_application_name="fb")[1]["application_name"] == "fb"
+    # An explicitly empty application_name suppresses the fallback (libpq's rule).
+    params = pgproto.resolve_params(
+        "host=db.example user=alice dbname=app sslmode=disable application_name=''",
+        env=ENV,
+        fallback_application_name="fb",
+    )
+    h = Harness(ConnectionStateMachine(params, random_bytes=fixed_nonce, scram_cache=None))
+    assert h.pump() is READING
+    (startup,) = client_messages(h.take(), untyped_first=1)
+    assert "application_name" not in startup_parameters(startup.body)[1]
+
+
+def test_startup_packet_default_env_values_are_not_sent() -> None:
+    env = Environment(
+        environ={"PGDATESTYLE": "DEFAULT", "PGTZ": "default", "PGGEQO": ""},
+        user="pgproto-test",
+        uid=4242,
+    )
+    pairs = _startup(env)[1]
+    assert "datestyle" not in pairs
+    assert "timezone" not in pairs
+    assert pairs["geqo"] == ""  # set but empty is sent as it is, as libpq does
