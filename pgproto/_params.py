@@ -29,6 +29,7 @@ from ._environment import Environment
 from ._errors import ConninfoError
 from ._files import ServiceSetting, password_from_file, read_service
 from ._options import OPTION_BY_KEYWORD, OPTIONS, SECRET_KEYWORDS, ConninfoOption
+from ._scram import pg_b64decode
 
 __all__ = [
     "AuthRequirement",
@@ -837,45 +838,13 @@ def _scram_key(values: Mapping[str, str | None], which: str) -> bytes | None:
     return key
 
 
-_B64_ALPHABET: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-_B64_VALUES: Final = {c: i for i, c in enumerate(_B64_ALPHABET)}
-
-
 def _pg_b64_decode(text: str) -> bytes | None:
-    """PostgreSQL 18's base64 decoder (src/common/base64.c): strict alphabet,
-    no whitespace, ``=`` padding only in the last group; None when invalid."""
-    out = bytearray()
-    acc = 0
-    pos = 0
-    end = 0
-    for c in text:
-        if c == "=":
-            if not end:
-                if pos == 2:
-                    end = 1
-                elif pos == 3:
-                    end = 2
-                else:
-                    return None
-            b = 0
-        else:
-            value = _B64_VALUES.get(c)
-            if value is None:
-                return None
-            b = value
-        acc = (acc << 6) | b
-        pos += 1
-        if pos == 4:
-            out.append((acc >> 16) & 0xFF)
-            if end == 0 or end > 1:
-                out.append((acc >> 8) & 0xFF)
-            if end == 0 or end > 2:
-                out.append(acc & 0xFF)
-            acc = 0
-            pos = 0
-    if pos != 0:
+    """PostgreSQL 18's base64 decoder (src/common/base64.c); None when invalid."""
+    try:
+        data = text.encode("ascii")
+    except UnicodeEncodeError:
         return None
-    return bytes(out)
+    return pg_b64decode(data)
 
 
 # The server accepts a boolean (any unique prefix of true/false/yes/no, on,

@@ -392,7 +392,7 @@ def _pg_b64decode_slow(src: bytes) -> bytes | None:
     return bytes(out) if pos == 0 else None
 
 
-def _pg_b64decode(src: bytes) -> bytes | None:
+def pg_b64decode(src: bytes) -> bytes | None:
     """PostgreSQL's base64 decoding, with binascii as the fast path.
 
     binascii's strict mode tolerates surplus padding after a complete group
@@ -636,7 +636,7 @@ class ScramClient:
         ):
             raise RemoteProtocolError("invalid SCRAM response (nonce mismatch)")
         encoded_salt = _attr_value(parts[1], b"s")
-        salt = _pg_b64decode(encoded_salt)
+        salt = pg_b64decode(encoded_salt)
         if salt is None:
             raise RemoteProtocolError("malformed SCRAM message (invalid salt)")
         encoded_iterations = _attr_value(parts[2], b"i")
@@ -685,7 +685,7 @@ class ScramClient:
         encoded = _attr_value(encoded, b"v")
         if rest:
             self.notes.append(_GARBAGE_FINAL)
-        signature = _pg_b64decode(encoded)
+        signature = pg_b64decode(encoded)
         if signature is None or len(signature) != KEY_LENGTH:
             raise RemoteProtocolError("malformed SCRAM message (invalid server signature)")
         expected = _hmac_sha256(self._verify_key, self._auth_message)

@@ -15,12 +15,15 @@ from typing import Any, Final
 from pgproto import (
     ConnParams,
     Environment,
+    Error,
     LocalProtocolError,
     ServerError,
     resolve_params,
 )
 from pgproto._events import (
+    NEED_DATA,
     Address,
+    CloseConnection,
     CommandComplete,
     DataRow,
     EmptyQueryResponse,
@@ -108,6 +111,20 @@ def resolve(host: str, port: int) -> list[str]:
     """getaddrinfo in libpq's way: every stream address, resolver order."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return [str(info[4][0]) for info in infos if info[0] in (socket.AF_INET, socket.AF_INET6)]
+
+
+def farewell(machine: ConnectionStateMachine) -> bytes:
+    """Close *machine*; the bytes to send before closing the socket (Terminate
+    on a healthy connection, else nothing)."""
+    machine.close()
+    data = b""
+    try:
+        while (event := machine.next_event()) is not NEED_DATA:
+            if isinstance(event, CloseConnection):
+                data += event.data
+    except Error:
+        pass  # the connection was already broken; that error has been reported
+    return data
 
 
 # --------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from ._common import (
     ConnectionBase,
     QueryResult,
     Tracer,
+    farewell,
     make_machine,
     open_socket,
     sockaddr,
@@ -146,14 +147,11 @@ class Connection(ConnectionBase):
         if self._closed:
             return
         self._closed = True
-        self._machine.close()
+        data = farewell(self._machine)
         try:
-            while (event := self._machine.next_event()) is not NEED_DATA:
-                if isinstance(event, CloseConnection) and event.data and self._io.sock is not None:
-                    with contextlib.suppress(OSError):
-                        self._io.sock.send(event.data)
-        except Exception:  # noqa: S110 - closing: the error was already reported
-            pass
+            if data and self._io.sock is not None:
+                with contextlib.suppress(OSError):
+                    self._io.sock.send(data)
         finally:
             self._io.drop()
 

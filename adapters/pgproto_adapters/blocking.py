@@ -26,6 +26,7 @@ from ._common import (
     ConnectionBase,
     QueryResult,
     Tracer,
+    farewell,
     make_machine,
     open_socket,
     resolve,
@@ -185,17 +186,11 @@ class Connection(ConnectionBase):
         if self._closed:
             return
         self._closed = True
-        self._machine.close()
+        data = farewell(self._machine)
         try:
-            while True:
-                event = self._machine.next_event()
-                if event is NEED_DATA:
-                    break
-                if isinstance(event, CloseConnection) and event.data and self._io.sock is not None:
-                    with contextlib.suppress(OSError):
-                        self._io.sock.send(event.data)
-        except Exception:  # noqa: S110 - closing: the error was already reported
-            pass
+            if data and self._io.sock is not None:
+                with contextlib.suppress(OSError):
+                    self._io.sock.send(data)
         finally:
             self._io.close()
 
