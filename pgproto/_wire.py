@@ -133,19 +133,25 @@ class ReceiveBuffer:
     """Bytes received from the server, cut into messages.
 
     *limit* gives, for a message type byte, the largest length word accepted
-    (the length word counts itself, not the type byte).
+    (the length word counts itself, not the type byte).  Consumed bytes are
+    dropped when the buffer empties or more data arrives, not message by
+    message.
     """
 
-    __slots__ = ("_data", "_limit")
+    __slots__ = ("_data", "_limit", "_pos")
 
     def __init__(self, limit: Callable[[bytes], int]) -> None:
         self._data = bytearray()
+        self._pos = 0
         self._limit = limit
 
     def __len__(self) -> int:
-        return len(self._data)
+        return len(self._data) - self._pos
 
     def feed(self, data: bytes) -> None:
+        if self._pos:
+            del self._data[: self._pos]
+            self._pos = 0
         self._data += data
 
     def set_limit(self, limit: Callable[[bytes], int]) -> None:
@@ -153,23 +159,25 @@ class ReceiveBuffer:
 
     def take_byte(self) -> bytes | None:
         """The next single byte (the reply to SSLRequest/GSSENCRequest)."""
-        if not self._data:
+        pos = self._pos
+        if pos >= len(self._data):
             return None
-        byte = bytes(self._data[:1])
-        del self._data[:1]
-        return byte
+        self._pos = pos + 1
+        return bytes(self._data[pos : pos + 1])
 
     def take_all(self) -> bytes:
-        data = bytes(self._data)
+        data = bytes(self._data[self._pos :])
         self._data.clear()
+        self._pos = 0
         return data
 
     def next_message(self) -> Message | None:
         """The next complete message, or None until more bytes arrive."""
         data = self._data
-        if len(data) < 5:
+        pos = self._pos
+        if len(data) - pos < 5:
             return None
-        kind, length = _HEADER.unpack_from(data)
+        kind, length = _HEADER.unpack_from(data, pos)
         if length < 4:
             raise RemoteProtocolError(
                 f"invalid message length {length} for message type {_show(kind)}"
@@ -180,11 +188,15 @@ class ReceiveBuffer:
                 f"message of type {_show(kind)} is {length} bytes long, more than the "
                 f"{limit} bytes allowed here"
             )
-        end = 1 + length
+        end = pos + 1 + length
         if len(data) < end:
             return None
-        body = bytes(data[5:end])
-        del data[:end]
+        body = bytes(data[pos + 5 : end])
+        if end == len(data):
+            data.clear()
+            self._pos = 0
+        else:
+            self._pos = end
         return Message(kind, body)
 
 
@@ -282,11 +294,14 @@ def parse_sasl_mechanisms(payload: bytes) -> list[str]:
 
 
 def parse_parameter_status(body: bytes) -> tuple[str, str]:
-    reader = _Reader(body, "ParameterStatus")
-    name = reader.cstring()
-    value = reader.cstring()
-    reader.end()
-    return name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
+    parts = body.split(b"\x00")
+    if len(parts) != 3 or parts[2]:
+        # Let the general reader say what is wrong.
+        reader = _Reader(body, "ParameterStatus")
+        reader.cstring()
+        reader.cstring()
+        reader.end()
+    return parts[0].decode("utf-8", "surrogateescape"), parts[1].decode("utf-8", "surrogateescape")
 
 
 #: The longest cancel key protocol 3.2 allows.

@@ -113,7 +113,11 @@ def _pump(
             continue
         if trace is not None:
             trace(event)
-        if isinstance(event, OpenConnection):
+        kind = type(event)
+        if kind not in _COMMANDS:
+            if until_idle:
+                events.append(event)
+        elif isinstance(event, OpenConnection):
             _open(machine, io, event)
         elif isinstance(event, CloseConnection):
             if io.sock is not None and event.data:
@@ -127,8 +131,6 @@ def _pump(
                 machine.resolve_failed(exc.strerror or str(exc))
         elif isinstance(event, StartTimer):
             io.deadline = time.monotonic() + event.seconds
-        elif until_idle:
-            events.append(event)
 
 
 def _open(machine: ConnectionStateMachine, io: _Transport, event: OpenConnection) -> None:
@@ -152,6 +154,7 @@ def _open(machine: ConnectionStateMachine, io: _Transport, event: OpenConnection
     machine.connection_made()
 
 
+_COMMANDS = frozenset((OpenConnection, CloseConnection, ResolveHost, StartTimer))
 _IN_PROGRESS = frozenset((errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR))
 
 
