@@ -82,19 +82,11 @@ def _pg_variables() -> dict[str, str]:
     # os.environ's own storage, when it has it, avoids a Python-level
     # __getitem__ per variable (CPython keeps the encoded pairs in ``_data``).
     data = getattr(os.environ, "_data", None)
-    if isinstance(data, dict) and os.supports_bytes_environ:
+    if os.supports_bytes_environ and isinstance(data, dict):
         return {
             os.fsdecode(key): os.fsdecode(value) for key, value in data.items() if key[:2] == b"PG"
         }
-    if os.supports_bytes_environ:
-        return {
-            os.fsdecode(key): os.fsdecode(value)
-            for key, value in os.environb.items()
-            if key.startswith(b"PG")
-        }
-    return {
-        key: value for key, value in os.environ.items() if key.startswith("PG")
-    }  # pragma: no cover
+    return {key: value for key, value in os.environ.items() if key.startswith("PG")}
 
 
 @functools.lru_cache(maxsize=8)

@@ -114,7 +114,7 @@ from ._scram import (
     md5_response,
 )
 from ._states import Input, transition
-from ._tls import TLSEngine, TLSSettings, create_context
+from ._tls import TLSContextInfo, TLSEngine, TLSSettings, create_context
 
 __all__ = ["ConnectionStateMachine"]
 
@@ -241,9 +241,7 @@ class ConnectionStateMachine:
     _eof: bool
     _tls: TLSEngine | None
     _tls_done: bool
-    _tls_info_root: str | None
-    _tls_client_cert: str | None
-    _scram_challenged: bool
+    _tls_info: TLSContextInfo | None
     _server_params: dict[str, str]
     _backend_pid: int | None
     _backend_key: bytes | None
@@ -516,11 +514,7 @@ class ConnectionStateMachine:
                 "a query can only be sent on an idle connection "
                 f"(status {self._status.name}, query in progress: {self._query_active})"
             )
-        try:
-            message = _wire.query(sql)
-        except LocalProtocolError:
-            raise
-        self._write(message)
+        self._write(_wire.query(sql))
         self._query_active = True
 
     def close(self) -> None:
@@ -532,7 +526,6 @@ class ConnectionStateMachine:
                 self._tls.close()
                 self._out += self._tls.ciphertext_to_send()
             self._set(Input.CLOSED)
-            self._error = None
         else:
             # Abandoning a connection that is not established: what is queued
             # (perhaps a password) is dropped, as PQfinish drops it.
@@ -583,9 +576,7 @@ class ConnectionStateMachine:
         self._eof = False
         self._tls = None
         self._tls_done = False
-        self._tls_info_root = None
-        self._tls_client_cert = None
-        self._scram_challenged = False
+        self._tls_info = None
         self._server_params = {}
         self._backend_pid = None
         self._backend_key = None
@@ -887,8 +878,7 @@ class ConnectionStateMachine:
             self._tls = TLSEngine(info, settings)
         except TLSError as exc:
             raise _Failure(exc, _FALLBACK) from None
-        self._tls_info_root = info.root_source
-        self._tls_client_cert = info.client_cert
+        self._tls_info = info
 
     def _ssl_startup(self) -> bool:
         if self._tls is None:
@@ -940,6 +930,8 @@ class ConnectionStateMachine:
         if not done:
             return False
         self._tls_done = True
+        info = self._tls_info
+        assert info is not None
         self._events.append(
             TLSEstablished(
                 version=tls.version,
@@ -947,8 +939,8 @@ class ConnectionStateMachine:
                 alpn=tls.alpn,
                 chain_verified=tls.verified_chain,
                 host_verified=tls.host_verified,
-                root=self._tls_info_root,
-                client_certificate=self._tls_client_cert,
+                root=info.root_source,
+                client_certificate=info.client_cert,
                 direct=self._direct,
             )
         )
@@ -989,21 +981,7 @@ class ConnectionStateMachine:
             )
 
     def _negotiate(self, body: bytes) -> None:
-        if len(body) < 8:
-            raise RemoteProtocolError(
-                "received invalid protocol negotiation message: message too short"
-            )
-        if int.from_bytes(body[4:8], "big", signed=True) < 0:
-            raise RemoteProtocolError(
-                "received invalid protocol negotiation message: server reported negative "
-                "number of unsupported parameters"
-            )
-        try:
-            newest, options = _wire.parse_negotiate_protocol_version(body)
-        except RemoteProtocolError:
-            raise RemoteProtocolError(
-                "received invalid protocol negotiation message: message too short"
-            ) from None
+        newest, options = _wire.parse_negotiate_protocol_version(body)
         version = (newest >> 16, newest & 0xFFFF)
         prefix = "received invalid protocol negotiation message: "
         if version > self._pversion:
@@ -1206,13 +1184,12 @@ class ConnectionStateMachine:
                 "fe_sendauth: invalid authentication request from server: "
                 "AUTH_REQ_SASL_CONT without AUTH_REQ_SASL"
             )
-        if not self._scram_challenged:
+        if scram.awaiting_challenge:
             if code == _AUTH_SASL_FIN:
                 raise RemoteProtocolError(
                     "AuthenticationSASLFinal received from server, but SASL authentication "
                     "was not completed"
                 )
-            self._scram_challenged = True
             self._write(_wire.sasl_response(scram.handle_challenge(payload)))
             return
         scram.handle_final(payload)

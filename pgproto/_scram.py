@@ -568,6 +568,11 @@ class ScramClient:
         return self._state == _FINISHED
 
     @property
+    def awaiting_challenge(self) -> bool:
+        """The client-first message is out; the server's challenge comes next."""
+        return self._state == _NONCE_SENT
+
+    @property
     def channel_bound(self) -> bool:
         """True once the exchange has finished with SCRAM-SHA-256-PLUS."""
         return self._state == _FINISHED and self.mechanism == SCRAM_SHA_256_PLUS

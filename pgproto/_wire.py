@@ -353,16 +353,27 @@ def parse_fields(body: bytes) -> dict[str, str]:
 
 def parse_negotiate_protocol_version(body: bytes) -> tuple[int, list[str]]:
     """NegotiateProtocolVersion: the newest minor version the server
-    supports, and the protocol options it did not recognise."""
-    reader = _Reader(body, "NegotiateProtocolVersion")
-    minor = reader.int32()
-    count = reader.int32()
-    if count < 0 or count > len(body):
+    supports, and the protocol options it did not recognise.
+
+    Faults are reported in libpq's words (pqGetNegotiateProtocolVersion3):
+    a negative option count has its own message, any other structural fault
+    is "message too short".
+    """
+    prefix = "received invalid protocol negotiation message: "
+    if len(body) >= 8 and _INT32.unpack_from(body, 4)[0] < 0:
         raise RemoteProtocolError(
-            f"malformed NegotiateProtocolVersion message: {count} options announced"
+            prefix + "server reported negative number of unsupported parameters"
         )
-    options = [text(reader.cstring()) for _ in range(count)]
-    reader.end()
+    try:
+        reader = _Reader(body, "NegotiateProtocolVersion")
+        minor = reader.int32()
+        count = reader.int32()
+        if count > len(body):
+            raise RemoteProtocolError("more options announced than the message can hold")
+        options = [text(reader.cstring()) for _ in range(count)]
+        reader.end()
+    except RemoteProtocolError:
+        raise RemoteProtocolError(prefix + "message too short") from None
     return minor, options
 
 

@@ -7,10 +7,11 @@ never waits on them.  Each adapter module is the pump loop for one IO model.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol, Self
 
 from pgproto import (
     ConnParams,
@@ -37,6 +38,7 @@ from pgproto._events import (
 from pgproto._machine import ConnectionStateMachine
 
 __all__ = [
+    "AsyncConnectionBase",
     "ConnectionBase",
     "QueryCollector",
     "QueryResult",
@@ -61,10 +63,11 @@ def make_machine(
 ) -> ConnectionStateMachine:
     """Resolve the parameters and build the machine for one connection."""
     params: ConnParams = resolve_params(conninfo, env=env, **kwargs)
-    extra: dict[str, Any] = {}
-    if random_bytes is not None:
-        extra["random_bytes"] = random_bytes
-    return ConnectionStateMachine(params, key_passphrase_hook=key_passphrase_hook, **extra)
+    return ConnectionStateMachine(
+        params,
+        random_bytes=random_bytes or os.urandom,
+        key_passphrase_hook=key_passphrase_hook,
+    )
 
 
 def _family(address: Address) -> socket.AddressFamily:
@@ -107,10 +110,15 @@ def _set_tcp(sock: socket.socket, name: str, value: int | None) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
-def resolve(host: str, port: int) -> list[str]:
-    """getaddrinfo in libpq's way: every stream address, resolver order."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+def stream_addresses(infos: Iterable[tuple[Any, ...]]) -> list[str]:
+    """The IPv4/IPv6 addresses of a ``getaddrinfo`` answer, in resolver order
+    (libpq keeps them all and in that order)."""
     return [str(info[4][0]) for info in infos if info[0] in (socket.AF_INET, socket.AF_INET6)]
+
+
+def resolve(host: str, port: int) -> list[str]:
+    """Blocking getaddrinfo for a stream connection, in libpq's way."""
+    return stream_addresses(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
 
 
 def farewell(machine: ConnectionStateMachine) -> bytes:
@@ -254,3 +262,50 @@ class ConnectionBase:
         state = "closed" if self._closed else self._machine.status.name
         where = self.hostaddr or "?"
         return f"<{type(self).__module__}.{type(self).__name__} {state} {where}:{self.port}>"
+
+
+class Transport(Protocol):
+    """What a Connection needs of its adapter's transport."""
+
+    def finish(self, data: bytes) -> None:
+        """Send *data* if possible (never waiting), then close the socket."""
+
+
+class AsyncConnectionBase(ConnectionBase):
+    """simple_query / close for the async adapters; each supplies the pump."""
+
+    def __init__(
+        self, machine: ConnectionStateMachine, io: Transport, trace: Tracer | None
+    ) -> None:
+        super().__init__(machine)
+        self._io = io
+        self._trace = trace
+
+    async def _run_query(self) -> list[Event]:
+        """Pump the machine until the query is over; the events it produced."""
+        raise NotImplementedError
+
+    async def simple_query(self, sql: str) -> list[QueryResult]:
+        """Run *sql* with the simple query protocol; raises ServerError on error."""
+        collector = self._begin_query(sql)
+        try:
+            for event in await self._run_query():
+                self._note(event)
+                collector.feed(event)
+        except BaseException:
+            await self.close()
+            raise
+        return collector.outcome()
+
+    async def close(self) -> None:
+        """Send Terminate (if healthy) and close the socket. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._io.finish(farewell(self._machine))
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

@@ -9,18 +9,24 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
 from pgproto import Environment, PollingStatus
-from pgproto._events import NEED_DATA, CloseConnection, OpenConnection, ResolveHost, StartTimer
+from pgproto._events import (
+    NEED_DATA,
+    CloseConnection,
+    Event,
+    OpenConnection,
+    ResolveHost,
+    StartTimer,
+)
 from pgproto._machine import ConnectionStateMachine
 
 from ._common import (
     RECV_SIZE,
-    ConnectionBase,
-    QueryResult,
+    AsyncConnectionBase,
     Tracer,
-    farewell,
     make_machine,
     open_socket,
     sockaddr,
+    stream_addresses,
 )
 
 __all__ = ["Connection", "connect"]
@@ -38,6 +44,12 @@ class _Transport:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+
+    def finish(self, data: bytes) -> None:
+        if data and self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.send(data)
+        self.drop()
 
 
 async def _within(io: _Transport, operation: Awaitable[T]) -> T | object:
@@ -101,65 +113,27 @@ async def _pump(
             else:
                 machine.connection_made()
         elif isinstance(event, CloseConnection):
-            if io.sock is not None and event.data:
-                with contextlib.suppress(OSError):
-                    io.sock.send(event.data)
-            io.drop()
+            io.finish(event.data)
         elif isinstance(event, ResolveHost):
             try:
                 infos = await loop.getaddrinfo(event.host, event.port, type=socket.SOCK_STREAM)
             except socket.gaierror as exc:
                 machine.resolve_failed(exc.strerror or str(exc))
             else:
-                machine.addresses_resolved(
-                    [str(i[4][0]) for i in infos if i[0] in (socket.AF_INET, socket.AF_INET6)]
-                )
+                machine.addresses_resolved(stream_addresses(infos))
         elif isinstance(event, StartTimer):
             io.deadline = loop.time() + event.seconds
         elif until_idle:
             events.append(event)
 
 
-class Connection(ConnectionBase):
+class Connection(AsyncConnectionBase):
     """An established connection (asyncio)."""
 
-    def __init__(
-        self, machine: ConnectionStateMachine, io: _Transport, trace: Tracer | None
-    ) -> None:
-        super().__init__(machine)
-        self._io = io
-        self._trace = trace
+    _io: _Transport
 
-    async def simple_query(self, sql: str) -> list[QueryResult]:
-        """Run *sql* with the simple query protocol; raises ServerError on error."""
-        collector = self._begin_query(sql)
-        try:
-            for event in await _pump(self._machine, self._io, self._trace, until_idle=True):
-                self._note(event)
-                collector.feed(event)
-        except BaseException:
-            await self.close()
-            raise
-        return collector.outcome()
-
-    async def close(self) -> None:
-        """Send Terminate (if healthy) and close the socket. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        data = farewell(self._machine)
-        try:
-            if data and self._io.sock is not None:
-                with contextlib.suppress(OSError):
-                    self._io.sock.send(data)
-        finally:
-            self._io.drop()
-
-    async def __aenter__(self) -> Connection:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
+    async def _run_query(self) -> list[Event]:
+        return await _pump(self._machine, self._io, self._trace, until_idle=True)
 
 
 async def connect(

@@ -70,8 +70,15 @@ class _Transport:
             self.sock.close()
             self.sock = None
 
-    def close(self) -> None:
+    def finish(self, data: bytes) -> None:
+        """Send *data* if the socket takes it at once, then close the socket."""
+        if data and self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.send(data)
         self.drop()
+
+    def close(self, data: bytes = b"") -> None:
+        self.finish(data)
         self.selector.close()
 
 
@@ -120,10 +127,7 @@ def _pump(
         elif isinstance(event, OpenConnection):
             _open(machine, io, event)
         elif isinstance(event, CloseConnection):
-            if io.sock is not None and event.data:
-                with contextlib.suppress(OSError):
-                    io.sock.send(event.data)
-            io.drop()
+            io.finish(event.data)
         elif isinstance(event, ResolveHost):
             try:
                 machine.addresses_resolved(resolve(event.host, event.port))
@@ -171,7 +175,6 @@ class Connection(ConnectionBase):
     def simple_query(self, sql: str) -> list[QueryResult]:
         """Run *sql* with the simple query protocol; raises ServerError on error."""
         collector = self._begin_query(sql)
-        self._io.deadline = None
         try:
             for event in _pump(self._machine, self._io, self._trace, until_idle=True):
                 self._note(event)
@@ -189,13 +192,7 @@ class Connection(ConnectionBase):
         if self._closed:
             return
         self._closed = True
-        data = farewell(self._machine)
-        try:
-            if data and self._io.sock is not None:
-                with contextlib.suppress(OSError):
-                    self._io.sock.send(data)
-        finally:
-            self._io.close()
+        self._io.close(farewell(self._machine))
 
     def __enter__(self) -> Connection:
         return self
