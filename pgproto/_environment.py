@@ -53,6 +53,18 @@ class Environment:
     socket_dir: str = DEFAULT_SOCKET_DIR
     sysconfdir: str = DEFAULT_SYSCONFDIR
 
+    def key(self) -> tuple[object, ...]:
+        """A hashable value equal for equal environments (for caches)."""
+        return (
+            tuple(sorted(self.environ.items())),
+            self.home,
+            self.user,
+            self.uid,
+            self.client_encoding,
+            self.socket_dir,
+            self.sysconfdir,
+        )
+
     @classmethod
     def from_os(cls, environ: Mapping[str, str] | None = None) -> Environment:
         """The environment of this process (``environ`` overrides ``os.environ``).
@@ -172,5 +184,10 @@ def encoding_from_locale() -> str:
         codeset = locale.nl_langinfo(locale.CODESET)
     except (AttributeError, locale.Error):  # pragma: no cover - non-POSIX
         return ""
+    return _encoding_of_codeset(codeset)
+
+
+@functools.lru_cache(maxsize=16)
+def _encoding_of_codeset(codeset: str) -> str:
     key = "".join(ch for ch in codeset.lower() if ch.isalnum())
     return _CODESETS.get(key, "")

@@ -802,6 +802,10 @@ class ConnectionStateMachine:
             self._awaiting_response(message)
         elif status is _S.AUTH_OK:
             self._auth_ok_message(message)
+            # The server sends the startup burst (ParameterStatus,
+            # BackendKeyData, ReadyForQuery) at once: take it in one step.
+            while self._status is _S.AUTH_OK and (message := self._next_message()) is not None:
+                self._auth_ok_message(message)
         elif status in (_S.CHECK_WRITABLE, _S.CHECK_STANDBY, _S.CONSUME):
             self._check_message(message)
         elif status is _S.OK:
@@ -1214,9 +1218,14 @@ class ConnectionStateMachine:
         return True
 
     def _auth_ok_message(self, message: _wire.Message) -> None:
+        kind = message.type
+        if kind == b"S":  # most of the burst: inline
+            name, value = _wire.parse_parameter_status(message.body)
+            self._server_params[name] = value
+            self._events.append(ParameterStatus(name=name, value=value))
+            return
         if self._common_message(message):
             return
-        kind = message.type
         if kind == b"K":
             pid, key = _wire.parse_backend_key_data(message.body, self._pversion)
             self._backend_pid, self._backend_key = pid, key

@@ -19,8 +19,10 @@ Every value remembers where it came from (:class:`Source`).  The result,
 from __future__ import annotations
 
 import enum
+import os
 import re
-from collections.abc import Mapping
+import stat
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -283,11 +285,43 @@ def resolve_params(
             )
         entries.append((keyword, str(value), Source(SourceKind.KEYWORD, name=keyword)))
 
+    key = (conninfo, expand_dbname, tuple(kwargs.items()), env.key())
+    hit = _RESOLVED.get(key)
+    if hit is not None and all(_signature(path) == sig for path, sig in hit[1]):
+        return hit[0]
+    files: list[tuple[str, _Signature]] = []
+
     values: dict[str, str | None] = {}
     sources: dict[str, Source] = {}
     _array_parse(entries, expand_dbname, values, sources)
-    _add_defaults(values, sources, env, service_errors=True)
-    return _connect_options(values, sources, env)
+    _add_defaults(values, sources, env, service_errors=True, files=files)
+    params = _connect_options(values, sources, env, files)
+    if all(sig is not _WARNED for _, sig in files):
+        if len(_RESOLVED) >= _RESOLVED_SIZE:
+            del _RESOLVED[next(iter(_RESOLVED))]
+        _RESOLVED[key] = (params, tuple(files))
+    return params
+
+
+# Resolution repeats itself: an application connects with the same string
+# again and again.  The last few results are kept, keyed by the arguments and
+# the environment, and reused only while every file resolution read (service
+# files, password file) has the same stat() signature as when it was read --
+# taken before reading, so a change while reading also invalidates the entry.
+# A password file that would draw a warning is never cached, so the warning
+# repeats as it does in libpq.  ConnParams is immutable, so sharing is safe.
+_Signature = tuple[int, ...] | None
+_WARNED: Final[_Signature] = (-1,)
+_RESOLVED: dict[Hashable, tuple[ConnParams, tuple[tuple[str, _Signature], ...]]] = {}
+_RESOLVED_SIZE: Final = 32
+
+
+def _signature(path: str) -> _Signature:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_mode, st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def conninfo_defaults(*, env: Environment | None = None) -> list[ConninfoOption]:
@@ -345,6 +379,7 @@ def _add_defaults(
     env: Environment,
     *,
     service_errors: bool,
+    files: list[tuple[str, _Signature]] | None = None,
 ) -> None:
     """``conninfo_add_defaults``: service file, environment, compiled defaults."""
     environ = env.environ
@@ -353,7 +388,7 @@ def _add_defaults(
         service = environ.get("PGSERVICE")
     if service is not None:
         try:
-            _apply_service(service, values, sources, env)
+            _apply_service(service, values, sources, env, files)
         except ConninfoError:
             if service_errors:
                 raise
@@ -390,7 +425,11 @@ def _add_defaults(
 
 
 def _apply_service(
-    service: str, values: dict[str, str | None], sources: dict[str, Source], env: Environment
+    service: str,
+    values: dict[str, str | None],
+    sources: dict[str, Source],
+    env: Environment,
+    files: list[tuple[str, _Signature]] | None,
 ) -> None:
     environ = env.environ
     user_file = environ.get("PGSERVICEFILE")
@@ -406,12 +445,15 @@ def _apply_service(
                 SourceKind.SERVICE_FILE, path=s.path, section=service, line=s.line
             )
 
+    system_file = f"{sysconfdir}/pg_service.conf"
+    if files is not None:
+        files.extend((path, _signature(path)) for path in (user_file, system_file) if path)
     read_service(
         service,
         apply,
         user_file=user_file,
         user_file_required=required,
-        system_file=f"{sysconfdir}/pg_service.conf",
+        system_file=system_file,
     )
 
 
@@ -420,7 +462,10 @@ def _apply_service(
 
 
 def _connect_options(
-    values: dict[str, str | None], sources: dict[str, Source], env: Environment
+    values: dict[str, str | None],
+    sources: dict[str, Source],
+    env: Environment,
+    files: list[tuple[str, _Signature]],
 ) -> ConnParams:
     """Derived defaults and validation, in libpq's order."""
     drafts = _host_list(values, sources, env)
@@ -435,7 +480,7 @@ def _connect_options(
         values["dbname"] = user
         sources["dbname"] = Source(SourceKind.DERIVED, detail="same as user")
 
-    hosts = _passwords(drafts, values, sources, env)
+    hosts = _passwords(drafts, values, sources, env, files)
     require_auth = _parse_require_auth(values.get("require_auth"))
 
     _check_enum(values, "channel_binding", ("disable", "prefer", "require"))
@@ -597,6 +642,7 @@ def _passwords(
     values: dict[str, str | None],
     sources: dict[str, Source],
     env: Environment,
+    files: list[tuple[str, _Signature]],
 ) -> tuple[HostParams, ...]:
     """Attach to each host the password it would get, and finish its entry."""
     password = values.get("password") or None
@@ -607,6 +653,13 @@ def _passwords(
         if passfile is None and env.home is not None:
             passfile = values["passfile"] = f"{env.home}/.pgpass"
             sources["passfile"] = Source(SourceKind.DERIVED, detail="~/.pgpass")
+        if passfile is not None:
+            sig = _signature(passfile)
+            if sig is not None and (
+                not stat.S_ISREG(sig[0]) or sig[0] & (stat.S_IRWXG | stat.S_IRWXO)
+            ):
+                sig = _WARNED  # password_from_file warns about it: not cached
+            files.append((passfile, sig))
     dbname = values.get("dbname") or ""
     user = values.get("user") or ""
     result = []

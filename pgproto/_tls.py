@@ -230,7 +230,76 @@ class TLSContextInfo:
 
 
 def create_context(settings: TLSSettings) -> TLSContextInfo:
-    """A new client context for one connection attempt; TLSError on failure."""
+    """The client context for one connection attempt; TLSError on failure.
+
+    Building a context costs more than the rest of a TLS connection's client
+    work (the CA file is parsed each time), so the last few are kept and
+    reused while every file they were built from has the stat() signature it
+    had before it was read.  Not cached: contexts whose client key goes
+    through a passphrase hook (libpq calls the hook on every connection), that
+    log keys to a file (opened per connection), or that look CRLs up in a
+    directory (OpenSSL reads it lazily, during verification).
+    """
+    files = _context_files(settings)
+    if files is None:
+        return _build_context(settings)
+    key = (
+        settings.sslmode,
+        settings.sslrootcert,
+        settings.sslcrl,
+        settings.sslcert,
+        settings.sslkey,
+        settings.sslpassword,
+        settings.sslcertmode,
+        settings.ssl_min_protocol_version,
+        settings.ssl_max_protocol_version,
+        settings.sslcompression,
+        settings.home,
+    )
+    hit = _CONTEXTS.get(key)
+    if hit is not None and hit[1] == files:
+        return hit[0]
+    info = _build_context(settings)
+    if len(_CONTEXTS) >= _CONTEXTS_SIZE:
+        del _CONTEXTS[next(iter(_CONTEXTS))]
+    _CONTEXTS[key] = (info, files)
+    return info
+
+
+_Signature = tuple[int, ...] | None
+_CONTEXTS: dict[tuple[object, ...], tuple[TLSContextInfo, tuple[_Signature, ...]]] = {}
+_CONTEXTS_SIZE: Final = 8
+
+
+def _signature(path: str | None) -> _Signature:
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_mode, st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _context_files(settings: TLSSettings) -> tuple[_Signature, ...] | None:
+    """The signatures of every file a context for *settings* is built from,
+    or None when such a context must not be cached."""
+    if settings.key_passphrase_hook is not None or settings.sslkeylogfile or settings.sslcrldir:
+        return None
+    root = settings.sslrootcert or _user_file(settings.home, "root.crt")
+    root_files: tuple[_Signature, ...]
+    if root == "system":
+        paths = ssl.get_default_verify_paths()
+        root_files = (_signature(paths.cafile), _signature(paths.capath))
+    else:
+        root_files = (_signature(root),)
+    crl = settings.sslcrl or _user_file(settings.home, "root.crl")
+    cert = settings.sslcert or _user_file(settings.home, "postgresql.crt")
+    key = settings.sslkey or _user_file(settings.home, "postgresql.key")
+    return (*root_files, _signature(crl), _signature(cert), _signature(key))
+
+
+def _build_context(settings: TLSSettings) -> TLSContextInfo:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE

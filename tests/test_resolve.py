@@ -2339,3 +2339,73 @@ def test_odd_corners(sandbox: Sandbox) -> None:
     (sandbox.home / ".pgpass").unlink()
     (sandbox.home / ".pgpass").symlink_to("/nonexistent/pgpass")
     assert check(host=A).hosts[0].password is None
+
+
+# --------------------------------------------------------------------------
+# the resolution cache: reuse only while nothing it read has changed
+
+
+def _resolve_again(conninfo: str, port: int | None = None) -> tuple[ConnParams, ConnParams]:
+    first = resolve_params(conninfo, port=port)
+    return first, resolve_params(conninfo, port=port)
+
+
+def test_cache_reuses_an_identical_resolution(sandbox: Sandbox) -> None:
+    first, second = _resolve_again("host=/nonexistent/a user=u", port=5433)
+    assert second is first
+    # Another keyword, another value, another environment: resolved afresh.
+    assert resolve_params("host=/nonexistent/a user=u", port=5434) is not first
+    sandbox.setenv("PGAPPNAME", "app")
+    third = resolve_params("host=/nonexistent/a user=u", port=5433)
+    assert third is not first
+    assert third["application_name"] == "app"
+
+
+def test_cache_sees_a_changed_password_file(sandbox: Sandbox) -> None:
+    sandbox.pgpass(f"*:*:*:u:{SECRET}-one\n")
+    first, second = _resolve_again("host=/nonexistent/a user=u")
+    assert second is first
+    assert first.hosts[0].password == f"{SECRET}-one"
+    sandbox.pgpass(f"*:*:*:u:{SECRET}-second\n")
+    assert resolve_params("host=/nonexistent/a user=u").hosts[0].password == f"{SECRET}-second"
+    (sandbox.home / ".pgpass").unlink()
+    assert resolve_params("host=/nonexistent/a user=u").hosts[0].password is None
+
+
+def test_cache_sees_a_password_file_appear(sandbox: Sandbox) -> None:
+    assert resolve_params("host=/nonexistent/a user=u").hosts[0].password is None
+    sandbox.pgpass(f"*:*:*:u:{SECRET}\n")
+    assert resolve_params("host=/nonexistent/a user=u").hosts[0].password == SECRET
+
+
+def test_cache_sees_a_changed_service_file(sandbox: Sandbox) -> None:
+    sandbox.service_file("[s]\nport=5433\n")
+    first, second = _resolve_again("service=s host=/nonexistent/a")
+    assert second is first
+    assert first["port"] == "5433"
+    sandbox.service_file("[s]\nport=15433\n")
+    assert resolve_params("service=s host=/nonexistent/a")["port"] == "15433"
+    system = sandbox.service_file("[s]\nport=25433\n", sandbox.sysconf / "pg_service.conf")
+    (sandbox.home / ".pg_service.conf").unlink()
+    assert resolve_params("service=s host=/nonexistent/a")["port"] == "25433"
+    system.write_text("[s]\ndbname=other\n")
+    resolved = resolve_params("service=s host=/nonexistent/a")
+    assert (resolved["port"], resolved["dbname"]) == ("5432", "other")
+
+
+def test_cache_keeps_warning_about_an_open_password_file(sandbox: Sandbox) -> None:
+    sandbox.pgpass(f"*:*:*:u:{SECRET}\n", mode=0o644)
+    for _ in range(2):
+        with pytest.warns(PasswordFileWarning, match="group or world access"):
+            assert resolve_params("host=/nonexistent/a user=u").hosts[0].password is None
+
+
+def test_cache_never_hides_an_error(sandbox: Sandbox) -> None:
+    for _ in range(2):
+        with pytest.raises(ConninfoError, match="invalid sslmode value"):
+            resolve_params("host=/nonexistent/a sslmode=bogus")
+    with pytest.raises(TypeError):
+        resolve_params("host=/nonexistent/a", port=True)
+    resolve_params("host=/nonexistent/a", port=1)
+    with pytest.raises(TypeError):  # True == 1, but the cache must not answer for it
+        resolve_params("host=/nonexistent/a", port=True)

@@ -1027,3 +1027,59 @@ def test_settings_are_frozen() -> None:
     settings = make_settings()
     with pytest.raises(FrozenInstanceError):
         settings.host = "x"  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------
+# the context cache: reuse only while the files are unchanged
+
+
+def test_context_cache_reuses_identical_settings(root_file: str) -> None:
+    settings = make_settings(sslmode="verify-full", sslrootcert=root_file)
+    info = create_context(settings)
+    # The host is not part of the context: another host reuses it.
+    assert create_context(replace(settings, host="other.example")) is info
+    assert create_context(replace(settings, sslmode="verify-ca")) is not info
+
+
+def test_context_cache_sees_a_new_root_file(
+    ca: trustme.CA, other_ca: trustme.CA, leaf: trustme.LeafCert, root_file: str
+) -> None:
+    connect(server_context(leaf), sslmode="verify-full", sslrootcert=root_file)
+    other_ca.cert_pem.write_to_path(root_file)  # the server's CA is no longer trusted
+    with pytest.raises(TLSError, match="certificate verify failed"):
+        connect(server_context(leaf), sslmode="verify-full", sslrootcert=root_file)
+    ca.cert_pem.write_to_path(root_file)
+    connect(server_context(leaf), sslmode="verify-full", sslrootcert=root_file)
+    os.unlink(root_file)
+    with pytest.raises(TLSError, match="does not exist"):
+        create_context(make_settings(sslmode="verify-full", sslrootcert=root_file))
+
+
+def test_context_cache_sees_a_changed_client_key(
+    client_files: tuple[str, str], tmp_path: Path
+) -> None:
+    cert, key = client_files
+    settings = make_settings(sslcert=cert, sslkey=key)
+    info = create_context(settings)
+    assert create_context(settings) is info
+    os.chmod(key, 0o644)
+    with pytest.raises(TLSError, match="group or world access"):
+        create_context(settings)
+
+
+def test_context_cache_skips_hooks_and_key_logs(
+    client_files: tuple[str, str], tmp_path: Path
+) -> None:
+    cert, key = client_files
+    locked = encrypted_key(key, tmp_path / "locked.key", SECRET)
+    calls: list[str] = []
+
+    def hook(path: str) -> str:
+        calls.append(path)
+        return SECRET
+
+    settings = make_settings(sslcert=cert, sslkey=locked, key_passphrase_hook=hook)
+    assert create_context(settings) is not create_context(settings)
+    assert calls == [locked, locked]  # libpq asks the hook on every connection
+    logged = make_settings(sslkeylogfile=str(tmp_path / "keys.log"))
+    assert create_context(logged) is not create_context(logged)

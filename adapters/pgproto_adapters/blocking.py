@@ -1,11 +1,12 @@
-"""Blocking connections over non-blocking sockets and :mod:`selectors`."""
+"""Blocking connections over non-blocking sockets and poll(2)."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
-import selectors
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -35,38 +36,50 @@ from ._common import (
 
 __all__ = ["Connection", "connect"]
 
+WAIT_READ = getattr(select, "POLLIN", 1)
+WAIT_WRITE = getattr(select, "POLLOUT", 4)
+
 
 class _Transport:
     """The current socket and the per-address deadline."""
 
     def __init__(self) -> None:
         self.sock: socket.socket | None = None
-        # One socket at a time: poll(2) needs no kernel object per connection,
-        # unlike epoll.
-        self.selector: selectors.BaseSelector = (
-            selectors.PollSelector()
-            if hasattr(selectors, "PollSelector")
-            else selectors.SelectSelector()
-        )
         self.deadline: float | None = None
+        # poll(2) where there is one: no kernel object per connection, unlike
+        # epoll, and no selector bookkeeping in Python.
+        self._poller = select.poll() if hasattr(select, "poll") else None
+        self._registered: tuple[int, int] | None = None
 
     def wait(self, events: int) -> bool:
-        """Wait until the socket is ready; False when the deadline passed."""
+        """Wait until the socket is ready for *events* (``WAIT_READ`` or
+        ``WAIT_WRITE``); False when the deadline passed."""
         assert self.sock is not None
         timeout = None
         if self.deadline is not None:
             timeout = max(0.0, self.deadline - time.monotonic())
-        key = self.selector.get_map().get(self.sock.fileno())
-        if key is None:
-            self.selector.register(self.sock, events)
-        elif key.events != events:
-            self.selector.modify(self.sock, events)
-        return bool(self.selector.select(timeout))
+        poller = self._poller
+        if poller is None:  # pragma: no cover - platforms without poll(2)
+            want = [self.sock]
+            ready = select.select(
+                want if events == WAIT_READ else [],
+                want if events == WAIT_WRITE else [],
+                want,
+                timeout,
+            )
+            return any(ready)
+        fd = self.sock.fileno()
+        if self._registered != (fd, events):
+            poller.register(fd, events)
+            self._registered = (fd, events)
+        return bool(poller.poll(None if timeout is None else math.ceil(timeout * 1000)))
 
     def drop(self) -> None:
         if self.sock is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self.selector.unregister(self.sock)
+            if self._registered is not None and self._poller is not None:
+                with contextlib.suppress(KeyError, ValueError):
+                    self._poller.unregister(self._registered[0])
+                self._registered = None
             self.sock.close()
             self.sock = None
 
@@ -79,7 +92,6 @@ class _Transport:
 
     def close(self, data: bytes = b"") -> None:
         self.finish(data)
-        self.selector.close()
 
 
 def _pump(
@@ -102,11 +114,11 @@ def _pump(
                     except BlockingIOError:
                         sent = 0
                     data = data[sent:]
-                    if data and not io.wait(selectors.EVENT_WRITE):
+                    if data and not io.wait(WAIT_WRITE):
                         machine.timer_expired()
                         break
                 continue
-            if not io.wait(selectors.EVENT_READ):
+            if not io.wait(WAIT_READ):
                 machine.timer_expired()
                 continue
             assert io.sock is not None
@@ -146,7 +158,7 @@ def _open(machine: ConnectionStateMachine, io: _Transport, event: OpenConnection
     io.sock = sock
     error = sock.connect_ex(sockaddr(event.address))
     if error in _IN_PROGRESS:
-        if not io.wait(selectors.EVENT_WRITE):
+        if not io.wait(WAIT_WRITE):
             io.drop()
             machine.timer_expired()
             return
