@@ -22,6 +22,7 @@ from ._errors import (
     ServerError,
     TLSError,
     TransportError,
+    ping_outcome,
 )
 from ._events import (
     NEED_DATA,
@@ -119,6 +120,7 @@ __all__ = [
     "conninfo_defaults",
     "is_conninfo_string",
     "parse_conninfo",
+    "ping_outcome",
     "resolve_params",
 ]
 

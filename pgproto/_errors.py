@@ -30,6 +30,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Final
+
+from ._enums import Ping
 
 __all__ = [
     "Attempt",
@@ -45,6 +48,7 @@ __all__ = [
     "ServerError",
     "TLSError",
     "TransportError",
+    "ping_outcome",
 ]
 
 
@@ -167,7 +171,9 @@ class Attempt:
     ``host`` is the host name as given (None when only hostaddr was), ``address``
     the address dialled (an IP address or a socket path), ``step`` the
     ``CONNECTION_*`` step that failed, in libpq's words, ``encryption`` what was
-    in use or being set up ("ssl", "plaintext"), ``error`` the exception.
+    in use or being set up ("ssl", "plaintext"), ``error`` the exception,
+    ``auth_requested`` whether the server had asked for authentication (so it
+    was up and accepting connections: :func:`ping_outcome` uses it).
     """
 
     host: str | None
@@ -176,6 +182,7 @@ class Attempt:
     step: str
     encryption: str
     error: BaseException
+    auth_requested: bool = False
 
     @property
     def sqlstate(self) -> str | None:
@@ -226,3 +233,36 @@ class PgprotoWarning(UserWarning):
 
 class PasswordFileWarning(PgprotoWarning):
     """The password file was ignored (not a plain file, or readable by others)."""
+
+
+#: The step name of attempts that never reached an address.
+RESOLVING_STEP: Final = "resolving the host"
+
+
+def ping_outcome(error: BaseException | None) -> Ping:
+    """libpq's ``PQping`` verdict for the outcome of a connection attempt.
+
+    *error* is what connecting raised (None: it succeeded).  Invalid options
+    mean NO_ATTEMPT.  Otherwise the last attempt that reached an address
+    decides (libpq resets this state per address, and a host that does not
+    resolve leaves it alone): a server that asked for authentication, or sent
+    any SQLSTATE but 57P03 (cannot connect now), is up -- OK; 57P03 is
+    REJECT; no SQLSTATE at all (refused, timed out, TLS failure, ...) is
+    NO_RESPONSE.
+    """
+    if error is None:
+        return Ping.OK
+    if isinstance(error, ConninfoError):
+        return Ping.NO_ATTEMPT
+    if not isinstance(error, ConnectError):
+        return Ping.NO_RESPONSE
+    for attempt in reversed(error.attempts):
+        if attempt.step == RESOLVING_STEP:
+            continue
+        if attempt.auth_requested:
+            return Ping.OK
+        sqlstate = attempt.sqlstate
+        if sqlstate is None or len(sqlstate) != 5:
+            return Ping.NO_RESPONSE
+        return Ping.REJECT if sqlstate == "57P03" else Ping.OK
+    return Ping.NO_RESPONSE

@@ -126,7 +126,10 @@ class OpenConnection(Event):
     ``host`` is the host name the attempt belongs to (for messages; the
     adapter never resolves it again).  ``keepalives`` and friends are the TCP
     socket options to apply.  Answer with ``connection_made()`` or
-    ``connection_failed(error)``.
+    ``connection_failed(error)``.  With ``peer_credentials`` (a Unix socket
+    and ``requirepeer`` set), pass the server process's user id, read from the
+    connected socket, as ``connection_made(peer_uid=...)`` (None when the
+    platform cannot tell).
     """
 
     address: Address
@@ -136,6 +139,7 @@ class OpenConnection(Event):
     keepalives_interval: int | None
     keepalives_count: int | None
     tcp_user_timeout: int | None
+    peer_credentials: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -66,6 +66,7 @@ from typing import Final
 
 from . import _wire
 from ._enums import ConnStatus, PollingStatus
+from ._environment import _password_entry
 from ._errors import (
     Attempt,
     AuthenticationError,
@@ -172,6 +173,20 @@ _REQUIRE_AUTH_REASONS: Final = {
 _SCRAM: Final = "SCRAM-SHA-256"
 _SCRAM_PLUS: Final = "SCRAM-SHA-256-PLUS"
 
+def _check_peer(required: str, peer_uid: int | None) -> Error | None:
+    """requirepeer: the server process must run as the *required* user."""
+    if peer_uid is None:
+        return TransportError("requirepeer parameter is not supported on this platform")
+    entry = _password_entry(peer_uid)
+    if entry is None:
+        return TransportError(f"local user with ID {peer_uid} does not exist")
+    if entry[0] != required:
+        return TransportError(
+            f'requirepeer specifies "{required}", but actual peer user name is "{entry[0]}"'
+        )
+    return None
+
+
 # Message length limits by phase (libpq's, fe-connect.c / fe-protocol3.c).
 _DATA_TYPES: Final = frozenset(b"DdTVW")  # may be long: rows, copy data, descriptions
 
@@ -251,6 +266,7 @@ class ConnectionStateMachine:
     _scram: ScramClient | None
     _auth_used: str
     _auth_ok: bool
+    _auth_req_received: bool
     _client_finished_auth: bool
     _password_needed: bool
     _password_used: bool
@@ -474,11 +490,20 @@ class ConnectionStateMachine:
             _NEXT_HOST,
         )
 
-    def connection_made(self) -> None:
-        """Answer to :class:`OpenConnection`: the transport is connected."""
+    def connection_made(self, *, peer_uid: int | None = None) -> None:
+        """Answer to :class:`OpenConnection`: the transport is connected.
+
+        *peer_uid* is the server process's user id when the command asked for
+        ``peer_credentials`` (None: the platform cannot tell).
+        """
         self._answer("connect")
         self._transport_open = True
         self._set(Input.TRANSPORT_READY)
+        required = self.params["requirepeer"]
+        if required and self._address is not None and self._address.kind == "unix":
+            error = _check_peer(required, peer_uid)
+            if error is not None:
+                self._attempt_failed(error, _HARD)
 
     def connection_failed(self, error: OSError | str) -> None:
         """Answer to :class:`OpenConnection`: the transport could not be opened."""
@@ -494,6 +519,30 @@ class ConnectionStateMachine:
         else:
             hint = "Is the server running on that host and accepting TCP/IP connections?"
         self._attempt_failed(TransportError(f"{text}\n\t{hint}", errno=errno), _NEXT_ADDR)
+
+    def deadline_expired(self) -> None:
+        """The caller's overall deadline passed: fail the current attempt
+        with "timeout expired" and give up (no further hosts are tried)."""
+        if self._status in (_S.OK, _S.BAD):
+            return
+        self._awaiting = None
+        self._attempt_failed(TransportError("timeout expired (overall deadline)"), _HARD)
+
+    def reset(self) -> None:
+        """libpq's PQreset: close the connection (Terminate if it is healthy)
+        and start again from the first host, with the same parameters and the
+        same host order.  Pump the machine as after construction."""
+        self.close()
+        self._error = None
+        self._attempts = []
+        self._host_index = -1
+        self._host = None
+        self._addresses = []
+        self._addr_index = 0
+        self._address = None
+        self._second_pass = False
+        self._reset_server_state()
+        self._set(Input.RESET)
 
     def timer_expired(self) -> None:
         """The per-address deadline of the last :class:`StartTimer` passed."""
@@ -586,6 +635,7 @@ class ConnectionStateMachine:
         self._scram = None
         self._auth_used = "none"
         self._auth_ok = False
+        self._auth_req_received = False
         self._client_finished_auth = False
         self._password_needed = False
         self._password_used = False
@@ -609,6 +659,7 @@ class ConnectionStateMachine:
             step=_STEP_NAMES.get(self._status, self._status.name),
             encryption=(SSL if self._method == SSL else PLAINTEXT),
             error=error,
+            auth_requested=self._auth_req_received,
         )
 
     def _attempt_failed(self, error: BaseException, outcome: str) -> None:
@@ -768,6 +819,7 @@ class ConnectionStateMachine:
                 address=address,
                 host=self._host.host if self._host else None,
                 keepalives=params.keepalives,
+                peer_credentials=address.kind == "unix" and bool(params["requirepeer"]),
                 keepalives_idle=params.keepalives_idle,
                 keepalives_interval=params.keepalives_interval,
                 keepalives_count=params.keepalives_count,
@@ -959,6 +1011,7 @@ class ConnectionStateMachine:
             if len(message.body) < 4:
                 raise RemoteProtocolError("received invalid authentication request")
             code, payload = _wire.parse_authentication(message.body)
+            self._auth_req_received = True
             self._authenticate(code, payload)
         elif kind == b"E":
             error = ServerError(_wire.parse_fields(message.body))

@@ -45,6 +45,7 @@ class Input(enum.Enum):
     RETRY = enum.auto()  # another attempt: next method, address or host
     FAILED = enum.auto()  # nothing left to try, or a fatal error
     CLOSED = enum.auto()  # close() on a healthy connection
+    RESET = enum.auto()  # reset(): start again from the first host
 
 
 _S = ConnStatus
@@ -78,6 +79,7 @@ TRANSITIONS: Final[dict[tuple[ConnStatus, Input], ConnStatus]] = {
     (_S.CHECK_TARGET, Input.TARGET_ACCEPTED): _S.OK,
     (_S.OK, Input.CLOSED): _S.BAD,
     (_S.OK, Input.FAILED): _S.BAD,
+    (_S.BAD, Input.RESET): _S.NEEDED,
     **{(s, Input.RETRY): _S.NEEDED for s in _ANY_LIVE},
     **{(s, Input.FAILED): _S.BAD for s in _ANY_LIVE},
 }

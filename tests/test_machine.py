@@ -167,14 +167,16 @@ def test_transition_table_is_the_only_way(status: ConnStatus) -> None:
 def test_transition_table_shape() -> None:
     targets = set(TRANSITIONS.values())
     sources = {old for old, _ in TRANSITIONS}
-    # BAD is terminal; the states pgproto never enters appear nowhere.
-    assert _S.BAD not in sources
+    # BAD is terminal except for reset(); the states pgproto never enters
+    # appear nowhere.
+    assert [(old, event) for old, event in TRANSITIONS if old is _S.BAD] == [(_S.BAD, Input.RESET)]
+    assert TRANSITIONS[_S.BAD, Input.RESET] is _S.NEEDED
     unused = {_S.GSS_STARTUP, _S.AUTHENTICATING, _S.SETENV, _S.ALLOCATED}
     assert not unused & (targets | sources)
     # OK is reached only once target_session_attrs is satisfied.
     assert [old for (old, _), new in TRANSITIONS.items() if new is _S.OK] == [_S.CHECK_TARGET]
     # Every live state can fail and can retry.
-    for status in sources - {_S.OK}:
+    for status in sources - {_S.OK, _S.BAD}:
         assert TRANSITIONS[status, Input.FAILED] is _S.BAD
         assert TRANSITIONS[status, Input.RETRY] is _S.NEEDED
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, Self
@@ -43,8 +44,10 @@ __all__ = [
     "QueryCollector",
     "QueryResult",
     "Tracer",
+    "made",
     "make_machine",
     "open_socket",
+    "peer_uid",
 ]
 
 #: A callable that sees every event the machine produces (``--trace`` uses it).
@@ -102,6 +105,33 @@ def open_socket(command: OpenConnection) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+class _Socket(Protocol):
+    def getsockopt(self, level: int, option: int, buflen: int, /) -> bytes: ...
+
+
+def peer_uid(sock: _Socket) -> int | None:
+    """The user id of the process at the other end of a connected Unix
+    socket (libpq's getpeereid), or None where the platform cannot tell."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:  # pragma: no cover - not Linux
+        return None
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i"))
+    except OSError:
+        return None
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def made(machine: ConnectionStateMachine, command: OpenConnection, sock: _Socket) -> None:
+    """Tell *machine* the connection for *command* is open (with the peer's
+    credentials when the command asks for them)."""
+    if command.peer_credentials:
+        machine.connection_made(peer_uid=peer_uid(sock))
+    else:
+        machine.connection_made()
 
 
 def _set_tcp(sock: socket.socket, name: str, value: int | None) -> None:

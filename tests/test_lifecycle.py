@@ -1,0 +1,253 @@
+"""The machine's lifecycle verbs of issue 4, without sockets: requirepeer,
+the caller's overall deadline, reset (PQreset), and ping_outcome (PQping's
+rules); and requirepeer against a real server, side by side with libpq."""
+
+from __future__ import annotations
+
+import os
+import pwd
+
+import psycopg
+import pytest
+from fake_server import (
+    AUTH_OK,
+    SECRET,
+    TERMINATE,
+    Harness,
+    auth,
+    connect_error,
+    error_response,
+    make_machine,
+    startup_done,
+)
+from pgproto_adapters import blocking
+from pgproto_adapters._cluster import Cluster
+
+import pgproto
+from pgproto import (
+    Attempt,
+    ConnectError,
+    ConninfoError,
+    ConnStatus,
+    OpenConnection,
+    Ping,
+    PollingStatus,
+    ServerError,
+    StatusChanged,
+    TransportError,
+    ping_outcome,
+)
+
+# --------------------------------------------------------------------------
+# requirepeer
+
+
+class _PeerHarness(Harness):
+    """Answers OpenConnection with the given peer uid."""
+
+    peer: int | None = None
+
+    def _answer(self, event: pgproto.Event) -> None:
+        if isinstance(event, OpenConnection):
+            self.log.append(("open", event.address))
+            assert event.peer_credentials is (event.address.kind == "unix")
+            self.machine.connection_made(peer_uid=self.peer)
+            return
+        super()._answer(event)
+
+
+def _peer_run(requirepeer: str, peer: int | None) -> Harness:
+    harness = _PeerHarness(make_machine(host="/run/pg", requirepeer=requirepeer, password=None))
+    harness.peer = peer
+    return harness
+
+
+def test_requirepeer_accepts_the_right_user() -> None:
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    harness = _peer_run(me, os.geteuid())
+    assert harness.play([AUTH_OK + startup_done()]) is PollingStatus.OK
+
+
+def test_requirepeer_rejects_another_user_and_stops() -> None:
+    root = pwd.getpwuid(0).pw_name
+    harness = _peer_run("somebody-else", 0)
+    error = connect_error(harness)
+    assert str(error.attempts[-1].error) == (
+        f'requirepeer specifies "somebody-else", but actual peer user name is "{root}"'
+    )
+    assert harness.actions() == ["open", "close"]  # nothing was sent
+
+
+@pytest.mark.parametrize(
+    ("peer", "message"),
+    [
+        (None, "requirepeer parameter is not supported on this platform"),
+        (2**31 - 7, f"local user with ID {2**31 - 7} does not exist"),
+    ],
+)
+def test_requirepeer_without_credentials(peer: int | None, message: str) -> None:
+    error = connect_error(_peer_run("postgres", peer))
+    assert str(error.attempts[-1].error) == message
+
+
+def test_requirepeer_is_ignored_over_tcp() -> None:
+    machine = make_machine(hostaddr="192.0.2.1", requirepeer="nobody-at-all")
+    harness = Harness(machine)
+    assert harness.play([AUTH_OK + startup_done()]) is PollingStatus.OK
+    assert not harness.of_type(OpenConnection)[0].peer_credentials
+
+
+# --------------------------------------------------------------------------
+# the caller's overall deadline
+
+
+def test_deadline_expired_gives_up_at_once() -> None:
+    harness = Harness(make_machine(host="a.example,b.example"))
+    assert harness.pump() is PollingStatus.READING
+    harness.machine.deadline_expired()
+    error = connect_error(harness)
+    assert len(error.attempts) == 1  # b.example is never tried
+    assert error.attempts[0].host == "a.example"
+    assert str(error.attempts[0].error) == "timeout expired (overall deadline)"
+    assert harness.machine.status is ConnStatus.BAD
+    assert harness.actions()[-1] == "close"
+    harness.machine.deadline_expired()  # after the end: nothing happens
+
+
+# --------------------------------------------------------------------------
+# reset
+
+
+def test_reset_reconnects_from_the_first_host_in_the_same_order() -> None:
+    machine = make_machine(host="a.example,b.example,c.example")
+    harness = Harness(machine, refuse={"192.0.2.1"}, addresses={"a.example": ["192.0.2.1"]})
+    assert harness.play([AUTH_OK + startup_done(pid=1)]) is PollingStatus.OK
+    assert machine.backend_pid == 1
+    assert machine.host is not None
+    assert machine.host.host == "b.example"
+    harness.take()
+    machine.reset()
+    assert harness.play([AUTH_OK + startup_done(pid=2)]) is PollingStatus.OK
+    assert machine.backend_pid == 2
+    closes = [data for name, data in harness.log if name == "close"]
+    assert closes[-1] == TERMINATE  # the healthy connection got a Terminate
+    opened = [a.address for name, a in harness.log if name == "open"]
+    assert opened == ["192.0.2.1", "192.0.2.10", "192.0.2.1", "192.0.2.10"]
+    statuses = [e.status for e in harness.events if isinstance(e, StatusChanged)]
+    assert ConnStatus.NEEDED in statuses[statuses.index(ConnStatus.OK) :]
+
+
+def test_reset_after_failure_clears_the_error() -> None:
+    machine = make_machine()
+    harness = Harness(machine)
+    connect_error(harness, [error_response("28P01", "password authentication failed")])
+    machine.reset()
+    assert harness.play([AUTH_OK + startup_done()]) is PollingStatus.OK
+    assert machine.status is ConnStatus.OK
+
+
+def test_reset_keeps_the_load_balanced_order() -> None:
+    hosts = ",".join(f"h{i}.example" for i in range(6))
+    machine = make_machine(host=hosts, load_balance_hosts="random")
+    harness = Harness(machine)
+    harness.play([AUTH_OK + startup_done()])
+    first = machine.host
+    machine.reset()
+    harness.play([AUTH_OK + startup_done()])
+    assert machine.host == first
+
+
+# --------------------------------------------------------------------------
+# ping_outcome: PQping's rules
+
+
+def _attempt(error: BaseException, *, step: str = "authentication", auth: bool = False) -> Attempt:
+    return Attempt(
+        host="h",
+        address="192.0.2.1",
+        port=5432,
+        step=step,
+        encryption="plaintext",
+        error=error,
+        auth_requested=auth,
+    )
+
+
+def _server_error(sqlstate: str) -> ServerError:
+    return ServerError({"S": "FATAL", "C": sqlstate, "M": "no"})
+
+
+@pytest.mark.parametrize(
+    ("attempts", "expected"),
+    [
+        ([_attempt(TransportError("refused"), step="opening the connection")], Ping.NO_RESPONSE),
+        ([_attempt(_server_error("57P03"))], Ping.REJECT),
+        ([_attempt(_server_error("28P01"))], Ping.OK),
+        ([_attempt(_server_error("53300"))], Ping.OK),
+        ([_attempt(pgproto.AuthenticationError("no password supplied"), auth=True)], Ping.OK),
+        # The last attempt decides ...
+        ([_attempt(_server_error("57P03")), _attempt(TransportError("refused"))], Ping.NO_RESPONSE),
+        ([_attempt(TransportError("refused")), _attempt(_server_error("57P03"))], Ping.REJECT),
+        # ... but a host that never resolved leaves the last address's verdict.
+        (
+            [
+                _attempt(_server_error("57P03")),
+                _attempt(TransportError("unknown"), step="resolving the host"),
+            ],
+            Ping.REJECT,
+        ),
+        ([_attempt(TransportError("unknown"), step="resolving the host")], Ping.NO_RESPONSE),
+    ],
+)
+def test_ping_outcome(attempts: list[Attempt], expected: Ping) -> None:
+    assert ping_outcome(ConnectError(attempts)) is expected
+
+
+def test_ping_outcome_success_and_bad_options() -> None:
+    assert ping_outcome(None) is Ping.OK
+    assert ping_outcome(ConninfoError("invalid sslmode value")) is Ping.NO_ATTEMPT
+
+
+def test_attempt_records_the_authentication_request() -> None:
+    machine = make_machine(password=None)
+    error = connect_error(Harness(machine), [auth(5, b"salt")])
+    assert error.attempts[-1].auth_requested
+    assert ping_outcome(error) is Ping.OK
+    machine = make_machine()
+    error = connect_error(Harness(machine), [error_response("57P03", "starting up")])
+    assert not error.attempts[-1].auth_requested
+    assert ping_outcome(error) is Ping.REJECT
+    assert SECRET not in str(error)
+
+
+# --------------------------------------------------------------------------
+# requirepeer against a real server, with libpq
+
+
+def _server_user(cluster: Cluster) -> str:
+    return pwd.getpwuid(os.stat(cluster.data_dir).st_uid).pw_name
+
+
+@pytest.mark.parametrize("match", [True, False])
+def test_requirepeer_real_server(pg18: Cluster, match: bool) -> None:
+    owner = _server_user(pg18)
+    wanted = owner if match else "pgproto-nobody"
+    conninfo = pg18.dsn(host=str(pg18.socket_dir), user="trust_user", requirepeer=wanted)
+    try:
+        psycopg.connect(conninfo).close()
+        libpq_error = None
+    except psycopg.OperationalError as exc:
+        libpq_error = str(exc)
+    try:
+        blocking.connect(conninfo).close()
+        ours = None
+    except ConnectError as exc:
+        ours = str(exc.attempts[-1].error)
+    if match:
+        assert libpq_error is None
+        assert ours is None
+    else:
+        expected = f'requirepeer specifies "{wanted}", but actual peer user name is "{owner}"'
+        assert libpq_error is not None
+        assert expected in libpq_error
+        assert ours == expected
