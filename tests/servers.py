@@ -61,11 +61,45 @@ TLS: one trustme CA signs the server certificate (localhost, 127.0.0.1, ::1),
 a certificate for ``wrong.example`` (served by ``pg18_wrong_cert``) and the
 client certificate of ``certuser``.  Server certificates are in
 ``tls_material.server`` / ``.wrong_name`` as :class:`TLSFiles`.
+
+Multi-host and failover
+-----------------------
+
+``replicated`` is a PostgreSQL 18 primary and a streaming hot standby of it
+(:meth:`Cluster.create_standby`), as a :class:`ReplicaPair` with
+``.primary``, ``.standby``, ``.host``, ``.ports`` and
+``.conninfo(standby_first=False, **params)`` (a multi-host
+``host=h1,h2 port=p1,p2`` string).  No TLS; pg_hba trusts every local and
+host connection (plus the ``local replication postgres`` line every Cluster
+has); roles ``postgres`` (superuser) and ``trust_user``.  Do not promote it:
+``replica_factory()`` builds a fresh pair, stopped at the end of the session,
+for tests that do (``replica_factory(major=18, **cluster_kwargs)``).  The
+primary runs with ``synchronous_commit = off``: after writing on it, call
+``pair.primary.wait_for_replay(pair.standby)`` before reading on the standby.
+
+Endpoints that fail in known ways, all on 127.0.0.1:
+
+* ``closed_port``: a port whose connections are refused (ECONNREFUSED) for
+  the whole session; a socket is bound to it but never listens, so no other
+  process can take it.
+* ``silent_listener``: a :class:`SilentListener` whose thread accepts every
+  connection and never sends a byte, keeping the sockets open until the end
+  of the session; ``.accepted`` counts them and ``.wait_accepted(n)`` waits
+  for the count.  Its sockets live in this process: pass
+  ``ignore=silent_listener.owned_fds`` to ``fdcheck.assert_no_fd_leak``.
+* :data:`UNRESOLVABLE_HOST`: a host name whose resolution fails at once.
+
+``multi_host_conninfo((host, port), ...)`` combines any of these (and
+clusters' ``(host, port)``) into one connection string.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+import selectors
+import socket
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
@@ -78,17 +112,25 @@ __all__ = [
     "PGBOUNCER_USERS",
     "ROLES",
     "TRANSPORTS",
+    "UNRESOLVABLE_HOST",
+    "ReplicaPair",
     "Role",
+    "SilentListener",
     "TLSMaterial",
+    "closed_port",
     "cluster_factory",
     "connect_params",
     "hba_lines",
+    "multi_host_conninfo",
     "pg15",
     "pg18",
     "pg18_notls",
     "pg18_wrong_cert",
     "pg_server",
     "pgbouncer",
+    "replica_factory",
+    "replicated",
+    "silent_listener",
     "tls_material",
 ]
 
@@ -312,3 +354,214 @@ def cluster_factory() -> Iterator[Callable[..., Cluster]]:
     yield make
     for cluster in started:
         cluster.stop()
+
+
+# --------------------------------------------------------------------------
+# Multi-host and failover
+# --------------------------------------------------------------------------
+
+#: A host name that fails to resolve at once: ``.invalid`` is reserved (RFC
+#: 2606) and never delegated.  Measured on the development container (glibc,
+#: ``hosts: files dns``, one nameserver): getaddrinfo raises EAI_NONAME in
+#: 0.2-2 ms.  ``test_testbed`` fails if it takes longer than a few seconds
+#: (e.g. an unreachable resolver), which would slow every test that uses it.
+UNRESOLVABLE_HOST: Final = "does-not-exist.invalid"
+
+
+def _conninfo_value(value: str) -> str:
+    if value and not re.search(r"[\s'\\]", value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def multi_host_conninfo(*endpoints: tuple[str, int], **params: str | int) -> str:
+    """``host=h1,h2,... port=p1,p2,...`` plus ``params``.
+
+    Defaults: ``user=postgres dbname=postgres connect_timeout=10``; ``params``
+    override them.
+    """
+    if not endpoints:
+        raise ValueError("at least one endpoint is needed")
+    items: dict[str, str | int] = {
+        "host": ",".join(host for host, _ in endpoints),
+        "port": ",".join(str(port) for _, port in endpoints),
+        "user": "postgres",
+        "dbname": "postgres",
+        "connect_timeout": 10,
+        **params,
+    }
+    return " ".join(f"{key}={_conninfo_value(str(value))}" for key, value in items.items())
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaPair:
+    """A primary and a streaming hot standby of it (both listening on 127.0.0.1)."""
+
+    primary: Cluster
+    standby: Cluster
+
+    @property
+    def host(self) -> str:
+        """The address both servers listen on."""
+        return self.primary.host
+
+    @property
+    def ports(self) -> tuple[int, int]:
+        """``(primary port, standby port)``."""
+        return (self.primary.port, self.standby.port)
+
+    def conninfo(self, *, standby_first: bool = False, **params: str | int) -> str:
+        """A two-host connection string, primary first unless ``standby_first``."""
+        servers = (self.standby, self.primary) if standby_first else (self.primary, self.standby)
+        return multi_host_conninfo(*((s.host, s.port) for s in servers), **params)
+
+    def stop(self) -> None:
+        """Stop the standby, then the primary, and remove both."""
+        try:
+            self.standby.stop()
+        finally:
+            self.primary.stop()
+
+
+def _start_pair(major: int = 18, **cluster_kwargs: Any) -> ReplicaPair:
+    primary = Cluster(find_binaries(major, fetch=True), **cluster_kwargs)
+    try:
+        primary.start()
+        primary.create_role("trust_user")  # before the base backup: no replay wait
+        standby = primary.create_standby()
+    except BaseException:
+        primary.stop()
+        raise
+    return ReplicaPair(primary, standby)
+
+
+@pytest.fixture(scope="session")
+def replicated() -> Iterator[ReplicaPair]:
+    """PostgreSQL 18 primary + hot standby; trust everywhere; postgres and trust_user."""
+    pair = _start_pair(18)
+    yield pair
+    pair.stop()
+
+
+@pytest.fixture(scope="session")
+def replica_factory() -> Iterator[Callable[..., ReplicaPair]]:
+    """Fresh pairs like ``replicated``: ``replica_factory(major=18, **cluster_kwargs)``."""
+    started: list[ReplicaPair] = []
+
+    def make(major: int = 18, **cluster_kwargs: Any) -> ReplicaPair:
+        pair = _start_pair(major, **cluster_kwargs)
+        started.append(pair)
+        return pair
+
+    yield make
+    for pair in reversed(started):
+        pair.stop()
+
+
+@pytest.fixture(scope="session")
+def closed_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that refuses connections for the whole session.
+
+    The socket is bound without SO_REUSEADDR and never listens: the kernel
+    answers a SYN with RST, no other socket can bind the port, and the
+    kernel does not hand it out as an ephemeral port either.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        yield port
+
+
+class SilentListener:
+    """Accepts every TCP connection on 127.0.0.1 and never sends anything.
+
+    One thread waits in a selector on the listening socket and one end of a
+    socket pair; :meth:`close` writes to the other end to wake it, joins it,
+    then closes every accepted socket.
+    """
+
+    def __init__(self) -> None:
+        self.host: Final = "127.0.0.1"
+        self._listener = socket.create_server((self.host, 0), backlog=128)
+        self._listener.setblocking(False)
+        self.port: Final[int] = self._listener.getsockname()[1]
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._selector = selectors.DefaultSelector()  # made here, so its fd predates any test
+        self._selector.register(self._listener, selectors.EVENT_READ)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._cond = threading.Condition()
+        self._conns: list[socket.socket] = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._serve, name="silent-listener", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                for key, _ in self._selector.select():
+                    if key.fileobj is self._wake_r:
+                        return
+                    self._accept_all()
+        except BaseException as exc:  # surfaced by close()
+            self._error = exc
+
+    def _accept_all(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except BlockingIOError:
+                return
+            except ConnectionAbortedError:  # reset by the client before accept()
+                continue
+            with self._cond:
+                self._conns.append(conn)
+                self._cond.notify_all()
+
+    @property
+    def accepted(self) -> int:
+        """How many connections have been accepted so far."""
+        with self._cond:
+            return len(self._conns)
+
+    def wait_accepted(self, count: int, timeout: float = 10.0) -> bool:
+        """Wait until at least ``count`` connections were accepted; false on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self._conns) >= count, timeout)
+
+    def owned_fds(self) -> set[int]:
+        """File descriptors this listener holds (for ``fdcheck.assert_no_fd_leak``)."""
+        socks = [self._listener, self._wake_r, self._wake_w]
+        with self._cond:
+            socks.extend(self._conns)
+        fds = {s.fileno() for s in socks} | {self._selector_fd()}
+        fds.discard(-1)
+        return fds
+
+    def _selector_fd(self) -> int:
+        fileno = getattr(self._selector, "fileno", None)
+        return fileno() if callable(fileno) else -1
+
+    def close(self) -> None:
+        """Stop the thread and close every socket (idempotent)."""
+        if self._thread.is_alive():
+            self._wake_w.send(b"x")
+            self._thread.join(timeout=10)
+            if self._thread.is_alive():
+                raise RuntimeError("silent listener thread did not stop")
+        with self._cond:
+            conns, self._conns = self._conns, []
+        for sock in (*conns, self._listener, self._wake_r, self._wake_w):
+            sock.close()
+        self._selector.close()
+        if self._error is not None:
+            raise RuntimeError("silent listener thread failed") from self._error
+
+
+@pytest.fixture(scope="session")
+def silent_listener() -> Iterator[SilentListener]:
+    """A :class:`SilentListener` for the whole session."""
+    listener = SilentListener()
+    try:
+        yield listener
+    finally:
+        listener.close()

@@ -17,12 +17,18 @@ loop for PgBouncer); a server that does not come up raises
 :class:`ClusterError` with its log attached.  Shutdown is registered with
 :func:`weakref.finalize`, so clusters are stopped and their directories removed
 on :meth:`Cluster.stop`, on garbage collection and at interpreter exit.
+
+:meth:`Cluster.create_standby` clones a running cluster with ``pg_basebackup
+-R`` into a streaming-replication hot standby (another :class:`Cluster`, with
+its own directory, port and finalizer); :meth:`Cluster.promote` turns a
+standby into a primary.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import os
 import pwd
 import re
@@ -36,13 +42,14 @@ import tempfile
 import time
 import weakref
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, Final, Self
+from typing import Any, BinaryIO, Final, Literal, Self
 
 __all__ = [
     "PG18_WHEEL_VERSION",
+    "SAME_AS_PRIMARY",
     "Cluster",
     "ClusterError",
     "PgBouncer",
@@ -67,6 +74,8 @@ SERVER_OS_USER: Final = "postgres"
 _REQUIRED_PROGRAMS: Final = ("initdb", "pg_ctl", "postgres", "psql")
 _WHEEL_VERSIONS: Final = {18: PG18_WHEEL_VERSION}
 _LOG_TAIL_CHARS: Final = 8000
+#: Interval of the bounded polling loops that wait for a server-side state.
+_POLL_INTERVAL: Final = 0.05
 
 
 class ClusterError(RuntimeError):
@@ -317,6 +326,24 @@ def _clean_env(home: Path | None = None) -> dict[str, str]:
     return env
 
 
+def _library_env(bindir: Path) -> dict[str, str]:
+    """``LD_LIBRARY_PATH`` for server modules that load libpq, when the tree bundles one.
+
+    In the PyPI build, ``libpqwalreceiver.so`` (loaded by a standby to stream
+    WAL) has the build machine's ``/opt/postgresql/lib`` as its RUNPATH, so
+    the dynamic linker falls back to the system's libpq, which may be older
+    than the ``primary_conninfo`` that ``pg_basebackup -R`` writes (PostgreSQL
+    15's rejects ``sslnegotiation``).  Pointing the loader at the tree's own
+    ``lib`` makes every module use the matching libpq; the binaries already
+    find it there through their ``$ORIGIN/../lib`` RUNPATH.
+    """
+    lib = bindir.parent / "lib"
+    if not (lib / "libpq.so.5").exists():
+        return {}
+    inherited = os.environ.get("LD_LIBRARY_PATH")
+    return {"LD_LIBRARY_PATH": f"{lib}:{inherited}" if inherited else str(lib)}
+
+
 def _run(
     cmd: Sequence[str | Path],
     *,
@@ -324,9 +351,12 @@ def _run(
     cwd: Path,
     timeout: float,
     stdin: str | None = None,
+    extra_env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a command to completion, as the server user when ``run_as`` is given."""
     kwargs = run_as.popen_kwargs() if run_as is not None else {}
+    env = _clean_env(cwd if run_as is not None else None)
+    env.update(extra_env or {})
     try:
         return subprocess.run(
             [str(c) for c in cmd],
@@ -336,7 +366,7 @@ def _run(
             encoding="utf-8",
             errors="replace",
             cwd=cwd,
-            env=_clean_env(cwd if run_as is not None else None),
+            env=env,
             timeout=timeout,
             check=False,
             **kwargs,
@@ -397,12 +427,20 @@ def _conf_value(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
-def _read_tail(path: Path) -> str:
+def _read_tail(path: Path, *, drop: re.Pattern[str] | None = None) -> str:
+    """The end of a log file, without the lines matching ``drop``."""
     try:
         text = path.read_text(errors="replace")
     except OSError as exc:
         return f"<cannot read {path}: {exc}>"
+    if drop is not None:
+        text = "".join(line for line in text.splitlines(True) if not drop.search(line))
     return text[-_LOG_TAIL_CHARS:]
+
+
+#: ``log_connections`` lines of ordinary sessions: mostly :meth:`Cluster.psql`
+#: polling, which would otherwise push the interesting lines out of an error.
+_SESSION_NOISE: Final = re.compile(r" LOG:  connection (received|authenticated|authorized): ")
 
 
 def _make_base_dir(prefix: str, run_as: _RunAs) -> Path:
@@ -510,6 +548,16 @@ def _teardown_cluster(state: _ClusterState) -> None:
         shutil.rmtree(state.base, ignore_errors=True)
 
 
+class _Same(enum.Enum):
+    """Sentinel type: "the same as the primary" for :meth:`Cluster.create_standby`."""
+
+    SAME = enum.auto()
+
+
+#: Default of :meth:`Cluster.create_standby`'s ``tls``: copy the primary's.
+SAME_AS_PRIMARY: Final = _Same.SAME
+
+
 class Cluster:
     """A throwaway PostgreSQL cluster in its own temporary directory.
 
@@ -517,6 +565,8 @@ class Cluster:
     ``--auth=trust``), then ``pg_hba.conf`` is replaced by ``hba``.  The line
     ``local all <superuser> trust`` is always put first: it is how
     :meth:`psql` administers the cluster, whatever the rest of the file says.
+    It is followed by ``local replication <superuser> trust``, which lets
+    :meth:`create_standby` clone the cluster and its standbys stream from it.
     Without ``hba``, every local and host connection is trusted.
 
     The server listens on 127.0.0.1 (plus ::1 when available) on a free port
@@ -527,6 +577,10 @@ class Cluster:
     Use as a context manager, or call :meth:`start` and :meth:`stop`;
     :meth:`stop` is idempotent, removes the directory, and also runs at
     interpreter exit if it was never called.
+
+    A standby made by :meth:`create_standby` is a :class:`Cluster` too, with
+    :attr:`primary` set to the cluster it streams from (``None`` otherwise,
+    and again after :meth:`promote`).
     """
 
     def __init__(
@@ -540,27 +594,37 @@ class Cluster:
         ipv6: bool | None = None,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
-        self.major, self.version_string = _server_version(bindir)
-        self.superuser = superuser
-        self.ipv6 = ipv6_available() if ipv6 is None else ipv6
-        self.timeout = timeout
-        self._run_as = _RunAs.detect()
-        base = _make_base_dir(f"pgproto-pg{self.major}-", self._run_as)
-        self._state = _ClusterState(
-            bindir=bindir, base=base, data=base / "data", run_as=self._run_as, timeout=timeout
-        )
-        self._finalizer = weakref.finalize(self, _teardown_cluster, self._state)
+        self._prepare(bindir, "", superuser=superuser, ipv6=ipv6, timeout=timeout)
         try:
             self._setup(hba, tls, settings or {})
         except BaseException:
             self._finalizer()
             raise
 
+    def _prepare(
+        self, bindir: Path, kind: str, *, superuser: str, ipv6: bool | None, timeout: float
+    ) -> None:
+        """Attributes and the empty, finalizer-guarded directory shared by every cluster."""
+        self.major, self.version_string = _server_version(bindir)
+        self.superuser = superuser
+        self.ipv6 = ipv6_available() if ipv6 is None else ipv6
+        self.timeout = timeout
+        self.primary: Cluster | None = None
+        self._run_as = _RunAs.detect()
+        base = _make_base_dir(f"pgproto-pg{self.major}-{kind}", self._run_as)
+        self._state = _ClusterState(
+            bindir=bindir, base=base, data=base / "data", run_as=self._run_as, timeout=timeout
+        )
+        self._finalizer = weakref.finalize(self, _teardown_cluster, self._state)
+
+    def _make_socket_dir(self) -> None:
+        self.socket_dir.mkdir(mode=0o755)
+        self._run_as.give(self.socket_dir)
+
     def _setup(
         self, hba: Iterable[str] | None, tls: TLSFiles | None, settings: Mapping[str, str]
     ) -> None:
-        self.socket_dir.mkdir(mode=0o755)
-        self._run_as.give(self.socket_dir)
+        self._make_socket_dir()
         initdb = self._server_cmd(
             "initdb",
             "-D",
@@ -576,6 +640,13 @@ class Cluster:
         )
         if initdb.returncode != 0:
             raise ClusterError(f"initdb failed:\n{initdb.stdout}{initdb.stderr}")
+        with (self.data_dir / "postgresql.conf").open("a") as conf:
+            conf.write("\n# added by pgproto_adapters._cluster\ninclude 'pgproto.conf'\n")
+        self._configure(tls, settings)
+        self.set_hba(hba)
+
+    def _configure(self, tls: TLSFiles | None, settings: Mapping[str, str]) -> None:
+        """Choose a port and write ``pgproto.conf`` (included by postgresql.conf)."""
         self._settings: dict[str, str] = {
             "listen_addresses": "127.0.0.1,::1" if self.ipv6 else "127.0.0.1",
             "unix_socket_directories": str(self.socket_dir),
@@ -585,20 +656,20 @@ class Cluster:
             "log_connections": "on",
             "log_line_prefix": "%m [%p] %q%u@%d ",
         }
+        self._installed_tls: TLSFiles | None = None
         if tls is not None:
             files = _install_tls(tls, self._state.base / "tls", self._run_as)
+            self._installed_tls = TLSFiles(files["cert"], files["key"], files.get("ca"))
             self._settings.update(
                 ssl="on", ssl_cert_file=str(files["cert"]), ssl_key_file=str(files["key"])
             )
             if "ca" in files:
                 self._settings["ssl_ca_file"] = str(files["ca"])
+        self._extra_settings = dict(settings)
         self._settings.update(settings)
         self.tls = tls
         self.port = free_port(ipv6=self.ipv6)
-        with (self.data_dir / "postgresql.conf").open("a") as conf:
-            conf.write("\n# added by pgproto_adapters._cluster\ninclude 'pgproto.conf'\n")
         self._write_conf()
-        self.set_hba(hba)
 
     # -- accessors -----------------------------------------------------------------
 
@@ -657,11 +728,12 @@ class Cluster:
 
     def set_hba(self, lines: Iterable[str] | None) -> None:
         """Replace pg_hba.conf (the superuser's local trust line stays first); reload if up."""
-        if lines is None:
-            lines = ["local all all trust", "host all all all trust"]
-        admin = f"local all {quote_ident(self.superuser)} trust"
+        chosen = ["local all all trust", "host all all all trust"] if lines is None else list(lines)
+        self._hba_lines = chosen
+        admin = quote_ident(self.superuser)
+        fixed = [f"local all {admin} trust", f"local replication {admin} trust"]
         path = self.data_dir / "pg_hba.conf"
-        path.write_text("\n".join([admin, *lines, ""]))
+        path.write_text("\n".join([*fixed, *chosen, ""]))
         self._run_as.give(path)
         if self.running:
             self.reload()
@@ -674,6 +746,7 @@ class Cluster:
             run_as=self._run_as,
             cwd=self._state.base,
             timeout=self.timeout + 10,
+            extra_env=_library_env(self.bindir),
         )
 
     def start(self) -> Self:
@@ -830,6 +903,148 @@ class Cluster:
         if not out:
             raise ClusterError(f"role {role!r} does not exist")
         return None if out == "<null>" else out
+
+    # -- replication ---------------------------------------------------------------
+
+    def in_recovery(self) -> bool:
+        """``pg_is_in_recovery()``: true on a standby, false on a primary."""
+        return self.psql("SELECT pg_is_in_recovery()") == "t"
+
+    def create_standby(
+        self,
+        *,
+        hba: Iterable[str] | None = None,
+        tls: TLSFiles | Literal[_Same.SAME] | None = SAME_AS_PRIMARY,
+        settings: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> Cluster:
+        """Clone this running cluster into a started streaming-replication hot standby.
+
+        ``pg_basebackup -R`` (fast checkpoint, WAL streamed) copies the data
+        directory over the Unix socket, as the server user, into a new
+        temporary directory; it writes ``standby.signal`` and a
+        ``primary_conninfo`` that points back at this cluster's socket.  The
+        standby gets its own free port and socket directory and by default
+        this cluster's pg_hba lines, TLS files and ``settings`` (``hba``,
+        ``tls`` and ``settings`` override them; ``settings`` are merged over
+        the primary's), plus ``hot_standby = on``.
+
+        Returns once the standby accepts connections, reports
+        ``pg_is_in_recovery()`` and its WAL receiver is streaming.  Stop it
+        with :meth:`stop` (it also has its own finalizer); a failure removes
+        it and raises :class:`ClusterError` with both server logs.
+        """
+        if not self.running:
+            raise ClusterError("create_standby() needs a running primary")
+        standby = Cluster.__new__(Cluster)
+        standby._prepare(
+            self.bindir,
+            "standby-",
+            superuser=self.superuser,
+            ipv6=self.ipv6,
+            timeout=self.timeout if timeout is None else timeout,
+        )
+        try:
+            standby._clone(self)
+            standby._configure(
+                self._installed_tls if tls is SAME_AS_PRIMARY else tls,
+                {"hot_standby": "on", **self._extra_settings, **(settings or {})},
+            )
+            if tls is SAME_AS_PRIMARY:
+                standby.tls = self.tls  # what the caller gave; the copies above are private
+            standby.set_hba(self._hba_lines if hba is None else hba)
+            standby.primary = self
+            try:
+                standby.start()
+            except ClusterError as exc:
+                raise ClusterError(f"{exc}\n{_log_section('primary', self)}") from exc
+            standby._wait_for("pg_is_in_recovery() on the standby", standby.in_recovery, also=self)
+            standby._wait_for("WAL streaming from the primary", standby._streaming, also=self)
+        except BaseException:
+            standby.stop()
+            raise
+        return standby
+
+    def _clone(self, primary: Cluster) -> None:
+        """Fill the (absent) data directory with a base backup of ``primary``."""
+        self._make_socket_dir()
+        try:
+            done = self._server_cmd(
+                "pg_basebackup",
+                "-D",
+                self.data_dir,
+                "-h",
+                primary.socket_dir,
+                "-p",
+                str(primary.port),
+                "-U",
+                primary.superuser,
+                "--checkpoint=fast",
+                "--wal-method=stream",
+                "--write-recovery-conf",
+                "--no-sync",
+                "--no-password",
+            )
+        except ClusterError as exc:
+            raise ClusterError(f"pg_basebackup: {exc}\n{_log_section('primary', primary)}") from exc
+        if done.returncode != 0:
+            raise ClusterError(
+                f"pg_basebackup failed (exit {done.returncode}):\n{done.stdout}{done.stderr}\n"
+                + _log_section("primary", primary)
+            )
+
+    def _streaming(self) -> bool:
+        return self.psql("SELECT status FROM pg_stat_wal_receiver") == "streaming"
+
+    def promote(self) -> None:
+        """Promote this standby (``pg_ctl promote -w``) and wait until it leaves recovery."""
+        if not self.running:
+            raise ClusterError("cluster is not running")
+        done = self._server_cmd(
+            "pg_ctl", "promote", "-D", self.data_dir, "-w", "-t", str(int(self.timeout))
+        )
+        if done.returncode != 0:
+            raise ClusterError(
+                f"pg_ctl promote failed (exit {done.returncode}):\n{done.stdout}{done.stderr}\n"
+                + _log_section("server", self)
+            )
+        self._wait_for("end of recovery after promotion", lambda: not self.in_recovery())
+        self.primary = None
+
+    def wait_for_replay(self, standby: Cluster) -> None:
+        """Wait until ``standby`` has replayed all WAL this cluster has written so far.
+
+        The target is the WAL *insert* position: with ``synchronous_commit =
+        off`` (a default here) a commit returns before its record is written.
+        """
+        lsn = quote_literal(self.psql("SELECT pg_current_wal_insert_lsn()"))
+        query = f"SELECT pg_last_wal_replay_lsn() >= {lsn}::pg_lsn"
+        standby._wait_for(
+            f"replay of WAL up to {lsn} on the standby",
+            lambda: standby.psql(query) == "t",
+            also=self,
+        )
+
+    def _wait_for(
+        self, what: str, check: Callable[[], bool], *, also: Cluster | None = None
+    ) -> None:
+        """Poll ``check`` until it is true, for at most :attr:`timeout` seconds.
+
+        ``also`` is the primary of this standby, whose log is worth a look too.
+        """
+        deadline = time.monotonic() + self.timeout
+        while not check():
+            if time.monotonic() > deadline:
+                logs = _log_section("standby" if self.primary is not None else "server", self)
+                if also is not None:
+                    logs += "\n" + _log_section("primary", also)
+                raise ClusterError(f"{what}: not reached within {self.timeout} s\n{logs}")
+            time.sleep(_POLL_INTERVAL)  # polling interval of a bounded wait
+
+
+def _log_section(label: str, cluster: Cluster) -> str:
+    log = _read_tail(cluster.log_file, drop=_SESSION_NOISE)
+    return f"--- {label} log ({cluster.log_file}, connection lines left out) ---\n{log}"
 
 
 def _dsn(host: str, port: int, socket_dir: Path, params: dict[str, str | int]) -> str:
