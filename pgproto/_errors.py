@@ -171,7 +171,8 @@ class Attempt:
     ``host`` is the host name as given (None when only hostaddr was), ``address``
     the address dialled (an IP address or a socket path), ``step`` the
     ``CONNECTION_*`` step that failed, in libpq's words, ``encryption`` what was
-    in use or being set up ("ssl", "plaintext"), ``error`` the exception,
+    in use or being set up ("ssl", "plaintext"; "none" before a connection
+    was opened), ``error`` the exception,
     ``auth_requested`` whether the server had asked for authentication (so it
     was up and accepting connections: :func:`ping_outcome` uses it).
     """
@@ -197,7 +198,8 @@ class Attempt:
         else:
             where = f'connection to server at "{self.host or self.address}", port {self.port}'
         notes = "".join(f"\n{note}" for note in getattr(self.error, "__notes__", ()))
-        return f"{where} failed ({self.step}, {self.encryption}): {self.error}{notes}"
+        how = self.step if self.encryption == "none" else f"{self.step}, {self.encryption}"
+        return f"{where} failed ({how}): {self.error}{notes}"
 
     @property
     def hostaddr(self) -> str | None:

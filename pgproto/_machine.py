@@ -173,6 +173,7 @@ _REQUIRE_AUTH_REASONS: Final = {
 _SCRAM: Final = "SCRAM-SHA-256"
 _SCRAM_PLUS: Final = "SCRAM-SHA-256-PLUS"
 
+
 def _check_peer(required: str, peer_uid: int | None) -> Error | None:
     """requirepeer: the server process must run as the *required* user."""
     if peer_uid is None:
@@ -273,6 +274,7 @@ class ConnectionStateMachine:
     _query_active: bool
     _check_rows: list[tuple[str | None, ...]]
     _check_failed: bool
+    _checked: dict[str, bool]
 
     def __init__(
         self,
@@ -642,6 +644,7 @@ class ConnectionStateMachine:
         self._query_active = False
         self._check_rows = []
         self._check_failed = False
+        self._checked = {}
 
     def _close_transport(self) -> None:
         if self._transport_open:
@@ -657,7 +660,9 @@ class ConnectionStateMachine:
             address=(address.address if address is not None else (host.hostaddr if host else None)),
             port=(host.port if host is not None else None),
             step=_STEP_NAMES.get(self._status, self._status.name),
-            encryption=(SSL if self._method == SSL else PLAINTEXT),
+            encryption=(
+                "none" if self._status is _S.NEEDED else SSL if self._method == SSL else PLAINTEXT
+            ),
             error=error,
             auth_requested=self._auth_req_received,
         )
@@ -1309,6 +1314,9 @@ class ConnectionStateMachine:
     # CHECK_TARGET: target_session_attrs (reference spec §8.3).
 
     def _flag(self, name: str) -> bool | None:
+        checked = self._checked.get(name)
+        if checked is not None:
+            return checked
         value = self._server_params.get(name)
         return None if value is None else value == "on"
 
@@ -1413,12 +1421,14 @@ class ConnectionStateMachine:
                 self._check_failed = True
                 return
             value = rows[0][0] or ""
+            # libpq keeps check results in its own flags, not in the
+            # server's parameters (PQparameterStatus never shows them).
             if status is _S.CHECK_WRITABLE:
-                flag = "on" if value.startswith("on") else "off"
-                self._server_params["default_transaction_read_only"] = flag
-                self._server_params["in_hot_standby"] = flag
+                flag = value.startswith("on")
+                self._checked["default_transaction_read_only"] = flag
+                self._checked["in_hot_standby"] = flag
             else:
-                self._server_params["in_hot_standby"] = "on" if value.startswith("t") else "off"
+                self._checked["in_hot_standby"] = value.startswith("t")
             self._set(Input.CHECK_ANSWERED)
             return
         if kind == b"Z":

@@ -360,12 +360,14 @@ def cluster_factory() -> Iterator[Callable[..., Cluster]]:
 # Multi-host and failover
 # --------------------------------------------------------------------------
 
-#: A host name that fails to resolve at once: ``.invalid`` is reserved (RFC
-#: 2606) and never delegated.  Measured on the development container (glibc,
-#: ``hosts: files dns``, one nameserver): getaddrinfo raises EAI_NONAME in
-#: 0.2-2 ms.  ``test_testbed`` fails if it takes longer than a few seconds
-#: (e.g. an unreachable resolver), which would slow every test that uses it.
-UNRESOLVABLE_HOST: Final = "does-not-exist.invalid"
+#: A host name that fails to resolve at once, without asking a name server:
+#: "!" is not a valid host-name character, so glibc's resolver rejects the
+#: name locally (EAI_NONAME, "Name or service not known", in about 2 ms).  A
+#: reserved but well-formed name (``does-not-exist.invalid``) goes to the
+#: configured name server, which on a loaded CI machine sometimes answers
+#: only after seconds, or with "Temporary failure in name resolution".
+#: ``test_testbed`` fails if resolution takes longer than a few seconds.
+UNRESOLVABLE_HOST: Final = "no!such!host.invalid"
 
 
 def _conninfo_value(value: str) -> str:
