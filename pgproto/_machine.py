@@ -561,7 +561,9 @@ class ConnectionStateMachine:
     def send_query(self, sql: str) -> None:
         """Queue a simple query (only on an idle CONNECTION_OK connection)."""
         if self._status is not _S.OK or self._query_active:
-            raise self._misuse(
+            # Refused, and nothing else changes (PQsendQuery's rule): the
+            # connection attempt or the running query carries on.
+            raise LocalProtocolError(
                 "a query can only be sent on an idle connection "
                 f"(status {self._status.name}, query in progress: {self._query_active})"
             )

@@ -1404,7 +1404,14 @@ def test_send_query_before_ok(when: str) -> None:
         "a query can only be sent on an idle connection "
         f"(status {expected}, query in progress: False)"
     )
-    _assert_poisoned(h.machine, exc.value)
+    # Refused without harm: the connection attempt carries on.
+    assert h.machine.status.name == expected
+    assert h.machine.error is None
+    if when != "start":
+        rest = [startup_done()] if when == "auth-ok" else [AUTH_OK + startup_done()]
+        for turn in rest:
+            h.feed(turn)
+        assert h.machine.status is _S.OK
 
 
 def test_send_query_while_busy() -> None:
@@ -1416,6 +1423,10 @@ def test_send_query_while_busy() -> None:
     assert str(exc.value) == (
         "a query can only be sent on an idle connection (status OK, query in progress: True)"
     )
+    # The first query goes on.
+    h.feed(row_description("?column?") + data_row(b"1") + command_complete("SELECT 1") + ready())
+    assert h.machine.status is _S.OK
+    assert h.machine.error is None
 
 
 def test_query_with_nul_is_refused() -> None:
