@@ -195,6 +195,13 @@ _DATA_TYPES: Final = frozenset(b"DdTVW")  # may be long: rows, copy data, descri
 def _auth_limit(kind: bytes) -> int:
     if kind == b"E":
         return _wire.ORDINARY_MESSAGE_LIMIT
+    if kind != b"R" and kind != b"v":
+        # As libpq: the type is checked before the length, so that a server
+        # that is not PostgreSQL at all (HTTP, ...) is named as such.
+        raise RemoteProtocolError(
+            "expected authentication request from server, but received "
+            f"{kind.decode('latin-1')!r}"
+        )
     return _wire.AUTH_MESSAGE_LIMIT
 
 

@@ -220,3 +220,13 @@ def conndefaults() -> list[DefaultOption]:
         return rows
     finally:
         _lib.PQconninfoFree(options)
+
+
+_lib.PQping.argtypes = (ctypes.c_char_p,)
+_lib.PQping.restype = ctypes.c_int
+
+
+def ping(conninfo: str) -> int:
+    """``PQping(conninfo)``: the ``PGPing`` value (0 OK, 1 REJECT, 2 NO_RESPONSE,
+    3 NO_ATTEMPT).  Blocks as libpq does, up to ``connect_timeout`` per address."""
+    return int(_lib.PQping(_encode(conninfo)))

@@ -251,3 +251,11 @@ def test_requirepeer_real_server(pg18: Cluster, match: bool) -> None:
         assert libpq_error is not None
         assert expected in libpq_error
         assert ours == expected
+
+
+def test_a_server_that_is_not_postgresql_is_named_as_such() -> None:
+    # The type byte is checked before the length word, as libpq does.
+    error = connect_error(Harness(make_machine()), [b"HTTP/1.1 400 Bad Request\r\n\r\n"])
+    assert str(error.attempts[-1].error) == (
+        "expected authentication request from server, but received 'H'"
+    )

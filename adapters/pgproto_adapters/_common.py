@@ -148,7 +148,9 @@ def stream_addresses(infos: Iterable[tuple[Any, ...]]) -> list[str]:
 
 def resolve(host: str, port: int) -> list[str]:
     """Blocking getaddrinfo for a stream connection, in libpq's way."""
-    return stream_addresses(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+    return stream_addresses(
+        socket.getaddrinfo(resolver_host(host), port, type=socket.SOCK_STREAM)
+    )
 
 
 def farewell(machine: ConnectionStateMachine) -> bytes:
@@ -339,3 +341,98 @@ class AsyncConnectionBase(ConnectionBase):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+# --------------------------------------------------------------------------
+# deadlines and name resolution for the async adapters
+
+
+def overall_timeout(timeout: object) -> float | None:
+    """Check the *timeout* argument of ``connect``/``ping`` (seconds): None,
+    or a positive finite number; anything else raises ValueError."""
+    if timeout is None:
+        return None
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 < timeout < float("inf")
+    ):
+        raise ValueError(f"timeout must be a positive finite number of seconds, not {timeout!r}")
+    return float(timeout)
+
+
+class Deadlines:
+    """The deadlines a connection attempt runs under, on the adapter's clock.
+
+    ``timer`` is the per-address deadline of the last :class:`StartTimer`
+    (libpq's ``connect_timeout``), ``overall`` the caller's ``timeout=``;
+    ``deadline`` is the earlier of the two, None when neither is set (wait
+    without limit).  An async adapter waits under one cancel scope per
+    connection attempt and follows ``deadline`` with it (:meth:`moved`).
+    """
+
+    __slots__ = ("deadline", "overall", "timer")
+
+    def __init__(self) -> None:
+        self.overall: float | None = None
+        self.timer: float | None = None
+        self.deadline: float | None = None
+
+    @staticmethod
+    def needed(machine: ConnectionStateMachine, overall: float | None) -> bool:
+        """Can a deadline apply to *machine*'s connection attempt?  (The
+        machine starts timers only with a ``connect_timeout``.)"""
+        return overall is not None or machine.params.connect_timeout is not None
+
+    def set_overall(self, when: float | None) -> None:
+        self.overall = when
+        self._update()
+
+    def start_timer(self, when: float) -> None:
+        self.timer = when
+        self._update()
+
+    def _update(self) -> None:
+        timer, overall = self.timer, self.overall
+        if timer is None or (overall is not None and overall <= timer):
+            self.deadline = overall
+        else:
+            self.deadline = timer
+        self.moved()
+
+    def moved(self) -> None:
+        """``deadline`` changed (an adapter moves its cancel scope here)."""
+
+    def expired(self, machine: ConnectionStateMachine) -> None:
+        """``deadline`` passed: tell *machine* which deadline it was (the
+        overall one wins a tie).  A per-address timer is spent: the machine
+        starts a new one for whatever it tries next."""
+        overall = self.overall
+        if overall is not None and overall == self.deadline:
+            machine.deadline_expired()
+            return
+        self.timer = None
+        self._update()
+        machine.timer_expired()
+
+    def clear(self) -> None:
+        """No deadline applies (connected: queries wait without limit)."""
+        self.overall = self.timer = self.deadline = None
+        self.moved()
+
+
+def resolver_host(host: str) -> bytes:
+    """*host* as ``getaddrinfo`` should get it: the bytes libpq passes (UTF-8),
+    so that a name Python's IDNA codec refuses (a label over 63 characters,
+    a lone surrogate) fails in the resolver with libpq's message instead of
+    raising UnicodeError."""
+    return host.encode("utf-8", "surrogateescape")
+
+
+def connect_failure(exc: OSError) -> OSError:
+    """A failed ``connect()`` in libpq's words: asyncio says "Connect call
+    failed (address)", trio "Error connecting to address: ..."; libpq gives
+    the system's message alone ("Connection refused")."""
+    if exc.errno:
+        return OSError(exc.errno, os.strerror(exc.errno))
+    return exc

@@ -18,11 +18,20 @@ import math
 import os
 import select
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from pgproto import ConnStatus, Environment, Error, LocalProtocolError, PollingStatus
+from pgproto import (
+    ConnStatus,
+    Environment,
+    Error,
+    LocalProtocolError,
+    Ping,
+    PollingStatus,
+    ping_outcome,
+)
 from pgproto._events import (
     NEED_DATA,
     CloseConnection,
@@ -42,11 +51,12 @@ from ._common import (
     made,
     make_machine,
     open_socket,
+    overall_timeout,
     resolve,
     sockaddr,
 )
 
-__all__ = ["Connection", "connect", "connect_start"]
+__all__ = ["Connection", "connect", "connect_start", "ping"]
 
 WAIT_READ = getattr(select, "POLLIN", 1)
 WAIT_WRITE = getattr(select, "POLLOUT", 4)
@@ -61,9 +71,11 @@ class _Transport:
     """The current socket, its unsent bytes, a connect() in progress, and the
     per-address deadline."""
 
-    def __init__(self) -> None:
+    def __init__(self, overall: float | None = None) -> None:
         self.sock: socket.socket | None = None
+        #: The per-address deadline (connect_timeout) and the caller's overall one.
         self.deadline: float | None = None
+        self.overall = overall
         #: The command whose non-blocking connect() has not completed yet.
         self.connecting: OpenConnection | None = None
         #: What the socket did not take yet; it goes out before anything new.
@@ -76,10 +88,16 @@ class _Transport:
     def wait(self, events: int) -> bool:
         """Wait until the socket is ready for *events* (``WAIT_READ`` or
         ``WAIT_WRITE``); False when the deadline passed."""
-        timeout = None
-        if self.deadline is not None:
-            timeout = max(0.0, self.deadline - time.monotonic())
+        when = self.earliest()
+        timeout = None if when is None else max(0.0, when - time.monotonic())
         return self._poll(events, timeout)
+
+    def earliest(self) -> float | None:
+        """The deadline that comes first (None: wait without limit)."""
+        deadline, overall = self.deadline, self.overall
+        if deadline is None or (overall is not None and overall < deadline):
+            return overall
+        return deadline
 
     def ready(self, events: int) -> bool:
         """Is the socket ready for *events* now?  Never waits."""
@@ -175,10 +193,7 @@ def _advance(
                 elif isinstance(event, CloseConnection):
                     io.finish(event.data)
                 elif isinstance(event, ResolveHost):
-                    try:
-                        machine.addresses_resolved(resolve(event.host, event.port))
-                    except socket.gaierror as exc:
-                        machine.resolve_failed(exc.strerror or str(exc))
+                    _resolve(machine, io, event)
                 elif isinstance(event, StartTimer):
                     io.deadline = time.monotonic() + event.seconds
             status = machine.poll()
@@ -231,15 +246,65 @@ def _advance(
         if block and io.wait(WAIT_READ if status is _READING else WAIT_WRITE):
             fresh, earlier, ready = True, io.connecting, True
             continue
-        deadline = io.deadline
-        if deadline is not None and time.monotonic() >= deadline:
-            io.deadline = None  # the machine sends StartTimer for whatever it tries next
-            if io.connecting is not None:
-                io.drop()  # the machine has no transport to close yet
-            machine.timer_expired()
+        if _expired(machine, io):
             status = None
             continue
         return status
+
+
+def _expired(machine: ConnectionStateMachine, io: _Transport) -> bool:
+    """Tell *machine* if a deadline has passed (the overall one first)."""
+    now = time.monotonic()
+    overall, deadline = io.overall, io.deadline
+    if overall is not None and now >= overall:
+        io.overall = io.deadline = None
+        if io.connecting is not None:
+            io.drop()  # the machine has no transport to close yet
+        machine.deadline_expired()
+        return True
+    if deadline is not None and now >= deadline:
+        io.deadline = None  # the machine sends StartTimer for whatever it tries next
+        if io.connecting is not None:
+            io.drop()
+        machine.timer_expired()
+        return True
+    return False
+
+
+def _resolve(machine: ConnectionStateMachine, io: _Transport, event: ResolveHost) -> None:
+    """Answer a ResolveHost command.  Without a deadline getaddrinfo runs here;
+    with one it runs in a helper thread, so that a stalled resolver costs at
+    most the deadline (the thread is left to finish on its own)."""
+    when = io.earliest()
+    if when is None:
+        try:
+            machine.addresses_resolved(resolve(event.host, event.port))
+        except (socket.gaierror, UnicodeError) as exc:
+            machine.resolve_failed(getattr(exc, "strerror", None) or str(exc))
+        return
+    outcome: list[list[str] | BaseException] = []
+    done = threading.Event()
+
+    def lookup() -> None:
+        try:
+            outcome.append(resolve(event.host, event.port))
+        except BaseException as exc:  # handed to the caller's thread
+            outcome.append(exc)
+        done.set()
+
+    threading.Thread(target=lookup, name="pgproto getaddrinfo", daemon=True).start()
+    if not done.wait(max(0.0, when - time.monotonic())):
+        if not _expired(machine, io):  # woken a hair early: the timer it was
+            io.deadline = None
+            machine.timer_expired()
+        return
+    result = outcome[0]
+    if isinstance(result, list):
+        machine.addresses_resolved(result)
+    elif isinstance(result, socket.gaierror | UnicodeError):
+        machine.resolve_failed(getattr(result, "strerror", None) or str(result))
+    else:
+        raise result
 
 
 def _open(machine: ConnectionStateMachine, io: _Transport, event: OpenConnection) -> None:
@@ -337,9 +402,11 @@ class Connection(ConnectionBase):
 
     def timeout(self) -> float | None:
         """Seconds left before the current attempt's ``connect_timeout``
-        deadline (0.0 once it passed), None without one.  The next
-        :meth:`connect_poll` after it moves on to the next address or host."""
-        deadline = self._io.deadline
+        deadline or the overall ``timeout=`` (whichever comes first; 0.0 once
+        it passed), None without one.  The next :meth:`connect_poll` after it
+        moves on to the next address or host (or, for the overall deadline,
+        fails)."""
+        deadline = self._io.earliest()
         if deadline is None or self._closed or self._machine.status in _SETTLED:
             return None
         return max(0.0, deadline - time.monotonic())
@@ -465,6 +532,7 @@ def connect_start(
     trace: Tracer | None = None,
     random_bytes: Callable[[int], bytes] | None = None,
     key_passphrase_hook: Callable[[str], str] | None = None,
+    timeout: float | None = None,
     **kwargs: Any,
 ) -> Connection:
     """libpq's ``PQconnectStartParams``: resolve the parameters (an invalid one
@@ -472,8 +540,11 @@ def connect_start(
     without waiting on the network; drive it with :meth:`Connection.connect_poll`.
 
     A host name is resolved with a blocking ``getaddrinfo``, as in libpq
-    (``hostaddr`` avoids it).
+    (``hostaddr`` avoids it); with a ``connect_timeout`` or *timeout* it runs
+    in a helper thread and the call waits at most until the deadline.
+    *timeout*: an overall deadline in seconds on top of ``connect_timeout``.
     """
+    overall = overall_timeout(timeout)
     machine = make_machine(
         conninfo,
         kwargs,
@@ -483,7 +554,7 @@ def connect_start(
     )
     conn = Connection(
         machine,
-        _Transport(),
+        _Transport(None if overall is None else time.monotonic() + overall),
         trace,
         random_bytes=random_bytes,
         key_passphrase_hook=key_passphrase_hook,
@@ -500,9 +571,15 @@ def connect(
     trace: Tracer | None = None,
     random_bytes: Callable[[int], bytes] | None = None,
     key_passphrase_hook: Callable[[str], str] | None = None,
+    timeout: float | None = None,
     **kwargs: Any,
 ) -> Connection:
-    """Connect as libpq's PQconnectdbParams does; raises :class:`pgproto.ConnectError`."""
+    """Connect as libpq's PQconnectdbParams does; raises :class:`pgproto.ConnectError`.
+
+    *timeout* (seconds) is an optional overall deadline on top of the
+    per-address ``connect_timeout``.
+    """
+    overall = overall_timeout(timeout)
     # connect_start() and the wait loop, in one go.
     machine = make_machine(
         conninfo,
@@ -513,10 +590,31 @@ def connect(
     )
     conn = Connection(
         machine,
-        _Transport(),
+        _Transport(None if overall is None else time.monotonic() + overall),
         trace,
         random_bytes=random_bytes,
         key_passphrase_hook=key_passphrase_hook,
     )
     conn._establish()
     return conn
+
+
+def ping(
+    conninfo: str = "",
+    /,
+    *,
+    env: Environment | None = None,
+    timeout: float | None = None,
+    **kwargs: Any,
+) -> Ping:
+    """libpq's ``PQpingParams``: is the server up?  Connects as :func:`connect`
+    does (no password is needed: a server that asks for one is up), closes,
+    and answers OK, REJECT (57P03: starting up, shutting down, ...),
+    NO_RESPONSE or NO_ATTEMPT (invalid options).  Never raises for a
+    connection failure."""
+    try:
+        conn = connect(conninfo, env=env, timeout=timeout, **kwargs)
+    except Error as exc:
+        return ping_outcome(exc)
+    conn.close()
+    return Ping.OK

@@ -1,15 +1,23 @@
-"""Connections for :mod:`trio`, over trio sockets."""
+"""Connections for :mod:`trio`, over trio sockets.
+
+The pump awaits the socket methods plainly.  Deadlines (the per-address
+``connect_timeout`` and the caller's overall ``timeout=``) are one cancel
+scope around the whole connection attempt, whose deadline moves when the
+machine starts a timer; when it fires, the machine is told which deadline
+passed and pumping resumes.  Without either deadline there is no scope at
+all.  A cancelled connect leaves no socket open.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import trio
 
-from pgproto import Environment, PollingStatus
+from pgproto import Environment, Error, Ping, PollingStatus, ping_outcome
 from pgproto._events import (
     NEED_DATA,
     CloseConnection,
@@ -23,23 +31,41 @@ from pgproto._machine import ConnectionStateMachine
 from ._common import (
     RECV_SIZE,
     AsyncConnectionBase,
+    Deadlines,
     Tracer,
+    connect_failure,
+    farewell,
+    made,
     make_machine,
     open_socket,
+    overall_timeout,
+    resolver_host,
     sockaddr,
     stream_addresses,
 )
 
-__all__ = ["Connection", "connect"]
+__all__ = ["Connection", "connect", "ping"]
+
+_OK: Final = PollingStatus.OK
+_WRITING: Final = PollingStatus.WRITING
+_COMMANDS: Final = frozenset((OpenConnection, CloseConnection, ResolveHost, StartTimer))
+_FOREVER: Final = float("inf")
 
 
-_NO_DEADLINE = float("inf")
+class _Transport(Deadlines):
+    """The current socket, the deadlines (trio's clock), and the cancel
+    scope that enforces them while connecting."""
 
+    __slots__ = ("scope", "sock")
 
-class _Transport:
     def __init__(self) -> None:
         self.sock: trio.socket.SocketType | None = None
-        self.deadline = _NO_DEADLINE
+        self.scope: trio.CancelScope | None = None
+        super().__init__()
+
+    def moved(self) -> None:
+        if self.scope is not None:
+            self.scope.deadline = _FOREVER if self.deadline is None else self.deadline
 
     def drop(self) -> None:
         if self.sock is not None:
@@ -52,75 +78,87 @@ class _Transport:
         self.drop()
 
 
+async def _establish(machine: ConnectionStateMachine, io: _Transport, trace: Tracer | None) -> None:
+    """Pump *machine* until it is connected (or raises), under the deadlines."""
+    if not Deadlines.needed(machine, io.overall):
+        await _pump(machine, io, trace, until_idle=False)
+        return
+    while True:
+        deadline = _FOREVER if io.deadline is None else io.deadline
+        with trio.CancelScope(deadline=deadline) as scope:
+            io.scope = scope
+            try:
+                await _pump(machine, io, trace, until_idle=False)
+            finally:
+                io.scope = None
+            return
+        io.drop()  # a connect() cut short: the machine has no transport to close
+        io.expired(machine)
+
+
 async def _pump(
     machine: ConnectionStateMachine, io: _Transport, trace: Tracer | None, until_idle: bool
-) -> list[Any]:
-    events: list[Any] = []
+) -> list[Event]:
+    """Drive *machine* until it is OK (or idle again after a query); the
+    reports it produced when *until_idle*."""
+    events: list[Event] = []
     while True:
         event = machine.next_event()
         if event is NEED_DATA:
             status = machine.poll()
-            if status is PollingStatus.OK:
+            if status is _OK:
                 return events
-            assert io.sock is not None
-            if io.deadline == _NO_DEADLINE:
-                await _exchange(machine, io.sock, status)
+            sock = io.sock
+            assert sock is not None
+            if status is _WRITING:
+                data = memoryview(machine.data_to_send())
+                try:
+                    while data:
+                        data = data[await sock.send(data) :]
+                except OSError:
+                    # As libpq does: drop the output and read on, so that an
+                    # error the server sent before closing is what gets reported.
+                    pass
                 continue
-            with trio.move_on_at(io.deadline) as scope:
-                await _exchange(machine, io.sock, status)
-            if scope.cancelled_caught:
-                machine.timer_expired()
+            try:
+                received = await sock.recv(RECV_SIZE)
+            except OSError:
+                received = b""  # ECONNRESET and the like: end of file
+            machine.receive_data(received)
             continue
         if trace is not None:
             trace(event)
-        if isinstance(event, OpenConnection):
+        if type(event) not in _COMMANDS:
+            if until_idle:
+                events.append(event)
+        elif isinstance(event, OpenConnection):
             try:
-                io.sock = trio.socket.from_stdlib_socket(open_socket(event))
+                sock = trio.socket.from_stdlib_socket(open_socket(event))
             except OSError as exc:
                 machine.connection_failed(exc)
                 continue
+            io.sock = sock
             try:
-                with trio.move_on_at(io.deadline) as scope:
-                    await io.sock.connect(sockaddr(event.address))
+                await sock.connect(sockaddr(event.address))
             except OSError as exc:
                 io.drop()
-                machine.connection_failed(exc)
+                machine.connection_failed(connect_failure(exc))
                 continue
-            if scope.cancelled_caught:
-                io.drop()
-                machine.timer_expired()
-            else:
-                machine.connection_made()
+            made(machine, event, sock)
         elif isinstance(event, CloseConnection):
             io.finish(event.data)
         elif isinstance(event, ResolveHost):
+            # A deadline abandons the resolver thread (its answer is ignored).
             try:
                 infos = await trio.socket.getaddrinfo(
-                    event.host, event.port, type=socket.SOCK_STREAM
+                    resolver_host(event.host), event.port, type=socket.SOCK_STREAM
                 )
             except socket.gaierror as exc:
                 machine.resolve_failed(exc.strerror or str(exc))
             else:
                 machine.addresses_resolved(stream_addresses(infos))
         elif isinstance(event, StartTimer):
-            io.deadline = trio.current_time() + event.seconds
-        elif until_idle:
-            events.append(event)
-
-
-async def _exchange(
-    machine: ConnectionStateMachine, sock: trio.socket.SocketType, status: PollingStatus
-) -> None:
-    if status is PollingStatus.WRITING:
-        data = memoryview(machine.data_to_send())
-        while data:
-            data = data[await sock.send(data) :]
-        return
-    try:
-        received = await sock.recv(RECV_SIZE)
-    except OSError:
-        received = b""
-    machine.receive_data(received)
+            io.start_timer(trio.current_time() + event.seconds)
 
 
 class Connection(AsyncConnectionBase):
@@ -130,6 +168,26 @@ class Connection(AsyncConnectionBase):
 
     async def _run_query(self) -> list[Event]:
         return await _pump(self._machine, self._io, self._trace, until_idle=True)
+
+    async def reset(self) -> None:
+        """libpq's ``PQreset``: close the connection (Terminate if it is
+        healthy) and connect again with the same parameters, from the first
+        host, within ``connect_timeout`` per address; raises
+        :class:`pgproto.ConnectError`, after which the connection is closed.
+
+        Works on a broken or closed connection too: that is what it is for.
+        """
+        machine, io = self._machine, self._io
+        self._closed = True
+        machine.reset()
+        io.clear()
+        try:
+            await _establish(machine, io, self._trace)
+        except BaseException:
+            io.finish(farewell(machine))
+            raise
+        io.clear()
+        self._closed = False
 
 
 def _send_nowait(sock: trio.socket.SocketType, data: bytes) -> None:
@@ -151,9 +209,18 @@ async def connect(
     trace: Tracer | None = None,
     random_bytes: Callable[[int], bytes] | None = None,
     key_passphrase_hook: Callable[[str], str] | None = None,
+    timeout: float | None = None,
     **kwargs: Any,
 ) -> Connection:
-    """Connect as libpq's PQconnectdbParams does; raises :class:`pgproto.ConnectError`."""
+    """Connect as libpq's PQconnectdbParams does; raises :class:`pgproto.ConnectError`.
+
+    *timeout* (seconds) bounds the whole attempt, name resolution included,
+    on top of the per-address ``connect_timeout``: when it passes, the
+    current attempt fails with "timeout expired (overall deadline)" and no
+    other host is tried.
+    """
+    seconds = overall_timeout(timeout)
+    start = trio.current_time()
     machine = make_machine(
         conninfo,
         kwargs,
@@ -162,10 +229,36 @@ async def connect(
         key_passphrase_hook=key_passphrase_hook,
     )
     io = _Transport()
+    if seconds is not None:
+        io.set_overall(start + seconds)
     try:
-        await _pump(machine, io, trace, until_idle=False)
+        await _establish(machine, io, trace)
     except BaseException:
         io.drop()
         raise
-    io.deadline = _NO_DEADLINE
+    io.clear()
     return Connection(machine, io, trace)
+
+
+async def ping(
+    conninfo: str = "",
+    /,
+    *,
+    env: Environment | None = None,
+    timeout: float | None = None,
+    **kwargs: Any,
+) -> Ping:
+    """libpq's ``PQpingParams``: is the server up and accepting connections?
+
+    Connects exactly as :func:`connect` does and closes the connection if it
+    was made.  Never raises for a connection failure: invalid options are
+    NO_ATTEMPT (without any network activity); otherwise the last attempt
+    that reached an address decides (:func:`pgproto.ping_outcome`) -- a
+    server that asks for a password it does not get is up (OK).
+    """
+    try:
+        conn = await connect(conninfo, env=env, timeout=timeout, **kwargs)
+    except Error as exc:
+        return ping_outcome(exc)
+    await conn.close()
+    return Ping.OK
