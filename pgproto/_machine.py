@@ -199,8 +199,7 @@ def _auth_limit(kind: bytes) -> int:
         # As libpq: the type is checked before the length, so that a server
         # that is not PostgreSQL at all (HTTP, ...) is named as such.
         raise RemoteProtocolError(
-            "expected authentication request from server, but received "
-            f"{kind.decode('latin-1')!r}"
+            f"expected authentication request from server, but received {kind.decode('latin-1')!r}"
         )
     return _wire.AUTH_MESSAGE_LIMIT
 

@@ -148,9 +148,7 @@ def stream_addresses(infos: Iterable[tuple[Any, ...]]) -> list[str]:
 
 def resolve(host: str, port: int) -> list[str]:
     """Blocking getaddrinfo for a stream connection, in libpq's way."""
-    return stream_addresses(
-        socket.getaddrinfo(resolver_host(host), port, type=socket.SOCK_STREAM)
-    )
+    return stream_addresses(socket.getaddrinfo(resolver_host(host), port, type=socket.SOCK_STREAM))
 
 
 def farewell(machine: ConnectionStateMachine) -> bytes:
