@@ -195,7 +195,7 @@ _DATA_TYPES: Final = frozenset(b"DdTVW")  # may be long: rows, copy data, descri
 def _auth_limit(kind: bytes) -> int:
     if kind == b"E":
         return _wire.ORDINARY_MESSAGE_LIMIT
-    if kind != b"R" and kind != b"v":
+    if kind not in (b"R", b"v"):
         # As libpq: the type is checked before the length, so that a server
         # that is not PostgreSQL at all (HTTP, ...) is named as such.
         raise RemoteProtocolError(
@@ -868,8 +868,16 @@ class ConnectionStateMachine:
         elif status is _S.AUTH_OK:
             self._auth_ok_message(message)
             # The server sends the startup burst (ParameterStatus,
-            # BackendKeyData, ReadyForQuery) at once: take it in one step.
-            while self._status is _S.AUTH_OK and (message := self._next_message()) is not None:
+            # BackendKeyData, ReadyForQuery) at once: take it in one step,
+            # the ParameterStatus messages in bulk.
+            server_params, events = self._server_params, self._events
+            while self._status is _S.AUTH_OK:
+                for name, value in self._in.take_parameter_statuses():
+                    server_params[name] = value
+                    events.append(ParameterStatus(name=name, value=value))
+                message = self._next_message()
+                if message is None:
+                    break
                 self._auth_ok_message(message)
         elif status in (_S.CHECK_WRITABLE, _S.CHECK_STANDBY, _S.CONSUME):
             self._check_message(message)

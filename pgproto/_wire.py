@@ -199,6 +199,38 @@ class ReceiveBuffer:
             self._pos = end
         return Message(kind, body)
 
+    def take_parameter_statuses(self) -> list[tuple[str, str]]:
+        """Consume the complete, well-formed ParameterStatus messages at the
+        front of the buffer (the bulk of a startup burst) in one call;
+        anything else -- including a malformed one -- is left for
+        :meth:`next_message` to cut and report."""
+        data = self._data
+        pos = self._pos
+        size = len(data)
+        limit = self._limit(b"S")
+        found: list[tuple[str, str]] = []
+        while size - pos >= 5 and data[pos] == 0x53:  # "S"
+            (length,) = _INT32.unpack_from(data, pos + 1)
+            end = pos + 1 + length
+            if length < 4 or length > limit or end > size:
+                break
+            parts = bytes(data[pos + 5 : end]).split(b"\x00")
+            if len(parts) != 3 or parts[2]:
+                break
+            found.append(
+                (
+                    parts[0].decode("utf-8", "surrogateescape"),
+                    parts[1].decode("utf-8", "surrogateescape"),
+                )
+            )
+            pos = end
+        if pos == size:
+            data.clear()
+            self._pos = 0
+        else:
+            self._pos = pos
+        return found
+
 
 def _show(kind: bytes) -> str:
     return repr(kind.decode("latin-1"))
