@@ -1,6 +1,10 @@
-"""Connections for :mod:`trio`, over trio sockets.
+"""Connections for :mod:`trio`, over plain non-blocking sockets.
 
-The pump awaits the socket methods plainly.  Deadlines (the per-address
+The pump reads and writes the socket directly and awaits trio's
+``wait_readable``/``wait_writable`` only when the kernel says EAGAIN (trio's
+socket wrapper would pass through the scheduler on every call, even one
+that completes at once); a connect always waits for the server at least
+once, so it is a checkpoint, and it checks for cancellation on entry.  Deadlines (the per-address
 ``connect_timeout`` and the caller's overall ``timeout=``) are one cancel
 scope around the whole connection attempt, whose deadline moves when the
 machine starts a timer; when it fires, the machine is told which deadline
@@ -11,6 +15,8 @@ all.  A cancelled connect leaves no socket open.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import socket
 from collections.abc import Callable
 from typing import Any, Final
@@ -33,7 +39,6 @@ from ._common import (
     AsyncConnectionBase,
     Deadlines,
     Tracer,
-    connect_failure,
     farewell,
     made,
     make_machine,
@@ -50,6 +55,10 @@ _OK: Final = PollingStatus.OK
 _WRITING: Final = PollingStatus.WRITING
 _COMMANDS: Final = frozenset((OpenConnection, CloseConnection, ResolveHost, StartTimer))
 _FOREVER: Final = float("inf")
+_IN_PROGRESS: Final = frozenset((errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR))
+
+wait_readable = trio.lowlevel.wait_readable
+wait_writable = trio.lowlevel.wait_writable
 
 
 class _Transport(Deadlines):
@@ -59,7 +68,10 @@ class _Transport(Deadlines):
     __slots__ = ("scope", "sock")
 
     def __init__(self) -> None:
-        self.sock: trio.socket.SocketType | None = None
+        # A plain non-blocking socket: it is read and written directly, and
+        # trio is asked to wait only when the kernel says EAGAIN (trio's
+        # socket wrapper would yield to the scheduler on every call).
+        self.sock: socket.socket | None = None
         self.scope: trio.CancelScope | None = None
         super().__init__()
 
@@ -69,12 +81,16 @@ class _Transport(Deadlines):
 
     def drop(self) -> None:
         if self.sock is not None:
+            trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
             self.sock = None
 
     def finish(self, data: bytes) -> None:
+        """Best-effort send of a final message without waiting (the socket is
+        about to close; Terminate is a courtesy), then close."""
         if data and self.sock is not None:
-            _send_nowait(self.sock, data)
+            with contextlib.suppress(OSError):
+                self.sock.send(data)
         self.drop()
 
 
@@ -114,16 +130,24 @@ async def _pump(
                 data = memoryview(machine.data_to_send())
                 try:
                     while data:
-                        data = data[await sock.send(data) :]
+                        try:
+                            data = data[sock.send(data) :]
+                        except BlockingIOError:
+                            await wait_writable(sock)
                 except OSError:
                     # As libpq does: drop the output and read on, so that an
                     # error the server sent before closing is what gets reported.
                     pass
                 continue
-            try:
-                received = await sock.recv(RECV_SIZE)
-            except OSError:
-                received = b""  # ECONNRESET and the like: end of file
+            while True:
+                try:
+                    received = sock.recv(RECV_SIZE)
+                except BlockingIOError:
+                    await wait_readable(sock)
+                    continue
+                except OSError:
+                    received = b""  # ECONNRESET and the like: end of file
+                break
             machine.receive_data(received)
             continue
         if trace is not None:
@@ -133,16 +157,21 @@ async def _pump(
                 events.append(event)
         elif isinstance(event, OpenConnection):
             try:
-                sock = trio.socket.from_stdlib_socket(open_socket(event))
+                sock = open_socket(event)
             except OSError as exc:
                 machine.connection_failed(exc)
                 continue
             io.sock = sock
             try:
-                await sock.connect(sockaddr(event.address))
+                error = sock.connect_ex(sockaddr(event.address))
+                if error in _IN_PROGRESS:
+                    await wait_writable(sock)
+                    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             except OSError as exc:
+                error = exc.errno or errno.EIO
+            if error:
                 io.drop()
-                machine.connection_failed(connect_failure(exc))
+                machine.connection_failed(OSError(error, os.strerror(error)))
                 continue
             made(machine, event, sock)
         elif isinstance(event, CloseConnection):
@@ -190,17 +219,6 @@ class Connection(AsyncConnectionBase):
         self._closed = False
 
 
-def _send_nowait(sock: trio.socket.SocketType, data: bytes) -> None:
-    """Best-effort send of a final message without waiting (the socket is
-    about to close; Terminate is a courtesy)."""
-    raw = socket.socket(fileno=sock.fileno())
-    try:
-        with contextlib.suppress(OSError):
-            raw.send(data)
-    finally:
-        raw.detach()
-
-
 async def connect(
     conninfo: str = "",
     /,
@@ -220,6 +238,7 @@ async def connect(
     other host is tried.
     """
     seconds = overall_timeout(timeout)
+    await trio.lowlevel.checkpoint_if_cancelled()
     start = trio.current_time()
     machine = make_machine(
         conninfo,
