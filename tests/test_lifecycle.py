@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import pwd
+from collections.abc import Callable
+from typing import Any
 
 import psycopg
 import pytest
@@ -259,3 +261,47 @@ def test_a_server_that_is_not_postgresql_is_named_as_such() -> None:
     assert str(error.attempts[-1].error) == (
         "expected authentication request from server, but received 'H'"
     )
+
+
+# --------------------------------------------------------------------------
+# an abstract Unix socket (@name) on a real server, with libpq
+
+
+def test_abstract_unix_socket(cluster_factory: Callable[..., Cluster]) -> None:
+    import asyncio
+
+    import trio
+    from pgproto_adapters import asyncio as asyncio_adapter
+    from pgproto_adapters import trio as trio_adapter
+
+    cluster = cluster_factory(18)
+    name = f"@pgproto-test-{cluster.port}"
+    # The server listens in its directory and in the abstract namespace.
+    cluster._settings["unix_socket_directories"] = f"{cluster.socket_dir}, {name}"
+    cluster._write_conf()
+    cluster.restart()
+    conninfo = f"host={name} port={cluster.port} user=postgres dbname=postgres"
+    # libpq itself (psycopg.connect resolves host names in Python, and
+    # does not know "@" names).
+    theirs = psycopg.pq.PGconn.connect(conninfo.encode())
+    try:
+        assert theirs.status == psycopg.pq.ConnStatus.OK, theirs.get_error_message()
+    finally:
+        theirs.finish()
+    with blocking.connect(conninfo) as conn:
+        assert conn.hostaddr == f"{name}/.s.PGSQL.{cluster.port}"
+        assert conn.simple_query("SELECT inet_server_addr() IS NULL")[0].rows == [("t",)]
+
+    async def via(module: Any) -> str | None:
+        conn = await module.connect(conninfo)
+        try:
+            hostaddr: str | None = conn.hostaddr
+            return hostaddr
+        finally:
+            await conn.close()
+
+    assert asyncio.run(via(asyncio_adapter)) == f"{name}/.s.PGSQL.{cluster.port}"
+    assert trio.run(via, trio_adapter) == f"{name}/.s.PGSQL.{cluster.port}"
+    with pytest.raises(ConnectError) as failure:
+        blocking.connect(f"host=@pgproto-nobody-{cluster.port} port=1 user=postgres")
+    assert "No such file or directory" in str(failure.value) or "refused" in str(failure.value)
