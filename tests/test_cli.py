@@ -211,3 +211,18 @@ def test_demo_runs_every_adapter(home: Path) -> None:
     assert out.count("status CONNECTION_OK") == 6
     assert "demo-secret" not in out
     assert "server stopped and removed." in out
+
+
+def test_ping_exit_status_like_pg_isready(
+    home: Path, pg18: Cluster, closed_port: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # scram_user without a password: the server asks for one, so it is up.
+    up = pg18.dsn(host="127.0.0.1", user="scram_user")
+    assert main(["ping", up]) == 0
+    assert capsys.readouterr().out == "accepting connections\n"
+    assert main(["ping", f"host=127.0.0.1 port={closed_port}", "--timeout", "5"]) == 2
+    assert capsys.readouterr().out == "no response\n"
+    assert main(["ping", "sslmode=bogus"]) == 3
+    assert capsys.readouterr().out == "no attempt (invalid connection parameters)\n"
+    assert main(["ping", up, "--timeout", "-1"]) == 3
+    assert "timeout must be a positive" in capsys.readouterr().err

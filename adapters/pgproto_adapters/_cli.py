@@ -68,6 +68,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="blocking",
         help="the IO adapter to use (default: %(default)s)",
     )
+    ping = commands.add_parser(
+        "ping",
+        help="is the server up? (libpq's PQping, like pg_isready)",
+        description=(
+            "Ask whether the server(s) of CONNINFO accept connections, with libpq's PQping "
+            "rules (no password is needed: a server that asks for one is up). Prints the "
+            "verdict and exits with pg_isready's status: 0 accepting connections, 1 "
+            "rejecting connections, 2 no response, 3 no attempt (invalid parameters)."
+        ),
+    )
+    ping.add_argument("conninfo", nargs="?", default="", help="connection string")
+    ping.add_argument(
+        "--timeout", type=float, default=None, help="overall deadline in seconds (default: none)"
+    )
     demo = commands.add_parser(
         "demo",
         help="start a throwaway local PostgreSQL and connect to it with every adapter",
@@ -90,11 +104,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             adapter=args.adapter,
             out=sys.stdout,
         )
+    if args.command == "ping":
+        return _ping(args.conninfo, timeout=args.timeout, out=sys.stdout)
     if args.command == "demo":
         from ._connect import run_demo
 
         return run_demo(major=args.major, out=sys.stdout)
     return _conninfo(args.conninfo, show_all=args.all, out=sys.stdout)
+
+
+_PING_TEXT = {
+    pgproto.Ping.OK: "accepting connections",
+    pgproto.Ping.REJECT: "rejecting connections",
+    pgproto.Ping.NO_RESPONSE: "no response",
+    pgproto.Ping.NO_ATTEMPT: "no attempt (invalid connection parameters)",
+}
+
+
+def _ping(conninfo: str, *, timeout: float | None, out: TextIO) -> int:
+    from . import blocking
+
+    try:
+        verdict = blocking.ping(conninfo, timeout=timeout)
+    except ValueError as exc:  # an invalid --timeout
+        print(f"pgproto: {exc}", file=sys.stderr)
+        return int(pgproto.Ping.NO_ATTEMPT)
+    out.write(f"{_PING_TEXT[verdict]}\n")
+    return int(verdict)
 
 
 def _conninfo(conninfo: str, *, show_all: bool, out: TextIO) -> int:
