@@ -47,7 +47,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import psycopg
 import trio
@@ -264,28 +264,19 @@ def _blocking(conninfo: str, trace: Callable[[pgproto.Event], None] | None) -> O
         return _connected("blocking", conn, result.rows[0][0], elapsed)
 
 
-async def _asyncio(conninfo: str, trace: Callable[[pgproto.Event], None] | None) -> Outcome:
+async def _async(
+    name: str, module: Any, conninfo: str, trace: Callable[[pgproto.Event], None] | None
+) -> Outcome:
+    """One async adapter (asyncio or trio: the same functions)."""
     started = time.monotonic()
     try:
-        conn = await asyncio_adapter.connect(conninfo, trace=trace)
+        conn = await module.connect(conninfo, trace=trace)
     except Exception as exc:
-        return _failed("asyncio", exc, time.monotonic() - started)
+        return _failed(name, exc, time.monotonic() - started)
     elapsed = time.monotonic() - started
     async with conn:
         [result] = await conn.simple_query("SELECT pg_is_in_recovery()")
-        return _connected("asyncio", conn, result.rows[0][0], elapsed)
-
-
-async def _trio(conninfo: str, trace: Callable[[pgproto.Event], None] | None) -> Outcome:
-    started = time.monotonic()
-    try:
-        conn = await trio_adapter.connect(conninfo, trace=trace)
-    except Exception as exc:
-        return _failed("trio", exc, time.monotonic() - started)
-    elapsed = time.monotonic() - started
-    async with conn:
-        [result] = await conn.simple_query("SELECT pg_is_in_recovery()")
-        return _connected("trio", conn, result.rows[0][0], elapsed)
+        return _connected(name, conn, result.rows[0][0], elapsed)
 
 
 def pgproto_outcome(
@@ -295,9 +286,9 @@ def pgproto_outcome(
     if adapter == "blocking":
         return _blocking(conninfo, trace)
     if adapter == "asyncio":
-        return asyncio.run(_asyncio(conninfo, trace))
+        return asyncio.run(_async("asyncio", asyncio_adapter, conninfo, trace))
     if adapter == "trio":
-        return trio.run(_trio, conninfo, trace)
+        return trio.run(_async, "trio", trio_adapter, conninfo, trace)
     raise ValueError(f"unknown adapter {adapter!r}")
 
 

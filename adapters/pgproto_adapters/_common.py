@@ -10,7 +10,7 @@ import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, Self
 
@@ -19,7 +19,9 @@ from pgproto import (
     Environment,
     Error,
     LocalProtocolError,
+    Ping,
     ServerError,
+    ping_outcome,
     resolve_params,
 )
 from pgproto._events import (
@@ -434,3 +436,16 @@ def connect_failure(exc: OSError) -> OSError:
     if exc.errno:
         return OSError(exc.errno, os.strerror(exc.errno))
     return exc
+
+
+async def ping_via(
+    connect: Callable[..., Awaitable[AsyncConnectionBase]], conninfo: str, kwargs: dict[str, Any]
+) -> Ping:
+    """An async adapter's ``ping``: connect with *connect*, close, and give
+    libpq's verdict; never raises for a connection failure."""
+    try:
+        conn = await connect(conninfo, **kwargs)
+    except Error as exc:
+        return ping_outcome(exc)
+    await conn.close()
+    return Ping.OK

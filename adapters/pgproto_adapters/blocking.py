@@ -359,15 +359,10 @@ class Connection(ConnectionBase):
         machine: ConnectionStateMachine,
         io: _Transport,
         trace: Tracer | None,
-        *,
-        random_bytes: Callable[[int], bytes] | None = None,
-        key_passphrase_hook: Callable[[str], str] | None = None,
     ) -> None:
         super().__init__(machine)
         self._io = io
         self._trace = trace
-        self._random_bytes = random_bytes
-        self._key_passphrase_hook = key_passphrase_hook
         self._error: Error | None = None
         # What the last connect_poll() returned (None: not called yet).
         self._polled: PollingStatus | None = None
@@ -544,21 +539,7 @@ def connect_start(
     in a helper thread and the call waits at most until the deadline.
     *timeout*: an overall deadline in seconds on top of ``connect_timeout``.
     """
-    overall = overall_timeout(timeout)
-    machine = make_machine(
-        conninfo,
-        kwargs,
-        env=env,
-        random_bytes=random_bytes,
-        key_passphrase_hook=key_passphrase_hook,
-    )
-    conn = Connection(
-        machine,
-        _Transport(None if overall is None else time.monotonic() + overall),
-        trace,
-        random_bytes=random_bytes,
-        key_passphrase_hook=key_passphrase_hook,
-    )
+    conn = _new(conninfo, kwargs, env, trace, random_bytes, key_passphrase_hook, timeout)
     conn._drive(False)
     return conn
 
@@ -579,8 +560,23 @@ def connect(
     *timeout* (seconds) is an optional overall deadline on top of the
     per-address ``connect_timeout``.
     """
-    overall = overall_timeout(timeout)
     # connect_start() and the wait loop, in one go.
+    conn = _new(conninfo, kwargs, env, trace, random_bytes, key_passphrase_hook, timeout)
+    conn._establish()
+    return conn
+
+
+def _new(
+    conninfo: str,
+    kwargs: dict[str, Any],
+    env: Environment | None,
+    trace: Tracer | None,
+    random_bytes: Callable[[int], bytes] | None,
+    key_passphrase_hook: Callable[[str], str] | None,
+    timeout: float | None,
+) -> Connection:
+    """A Connection that has not started: parameters resolved, deadline set."""
+    overall = overall_timeout(timeout)
     machine = make_machine(
         conninfo,
         kwargs,
@@ -588,15 +584,8 @@ def connect(
         random_bytes=random_bytes,
         key_passphrase_hook=key_passphrase_hook,
     )
-    conn = Connection(
-        machine,
-        _Transport(None if overall is None else time.monotonic() + overall),
-        trace,
-        random_bytes=random_bytes,
-        key_passphrase_hook=key_passphrase_hook,
-    )
-    conn._establish()
-    return conn
+    deadline = None if overall is None else time.monotonic() + overall
+    return Connection(machine, _Transport(deadline), trace)
 
 
 def ping(

@@ -23,7 +23,7 @@ from typing import Any, Final
 
 import trio
 
-from pgproto import Environment, Error, Ping, PollingStatus, ping_outcome
+from pgproto import Environment, Ping, PollingStatus
 from pgproto._events import (
     NEED_DATA,
     CloseConnection,
@@ -44,6 +44,7 @@ from ._common import (
     make_machine,
     open_socket,
     overall_timeout,
+    ping_via,
     resolver_host,
     sockaddr,
     stream_addresses,
@@ -275,9 +276,4 @@ async def ping(
     that reached an address decides (:func:`pgproto.ping_outcome`) -- a
     server that asks for a password it does not get is up (OK).
     """
-    try:
-        conn = await connect(conninfo, env=env, timeout=timeout, **kwargs)
-    except Error as exc:
-        return ping_outcome(exc)
-    await conn.close()
-    return Ping.OK
+    return await ping_via(connect, conninfo, {"env": env, "timeout": timeout, **kwargs})
