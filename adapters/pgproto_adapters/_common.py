@@ -302,6 +302,9 @@ class Transport(Protocol):
     def finish(self, data: bytes) -> None:
         """Send *data* if possible (never waiting), then close the socket."""
 
+    def clear(self) -> None:
+        """Forget every deadline (connected: queries wait without limit)."""
+
 
 class AsyncConnectionBase(ConnectionBase):
     """simple_query / close for the async adapters; each supplies the pump."""
@@ -316,6 +319,30 @@ class AsyncConnectionBase(ConnectionBase):
     async def _run_query(self) -> list[Event]:
         """Pump the machine until the query is over; the events it produced."""
         raise NotImplementedError
+
+    async def _establish(self) -> None:
+        """Pump the machine until it is connected (or raises), under the deadlines."""
+        raise NotImplementedError
+
+    async def reset(self) -> None:
+        """libpq's ``PQreset``: close the connection (Terminate if it is
+        healthy) and connect again with the same parameters, from the first
+        host, within ``connect_timeout`` per address; raises
+        :class:`pgproto.ConnectError`, after which the connection is closed.
+
+        Works on a broken or closed connection too: that is what it is for.
+        """
+        machine, io = self._machine, self._io
+        self._closed = True
+        machine.reset()
+        io.clear()
+        try:
+            await self._establish()
+        except BaseException:
+            io.finish(farewell(machine))
+            raise
+        io.clear()
+        self._closed = False
 
     async def simple_query(self, sql: str) -> list[QueryResult]:
         """Run *sql* with the simple query protocol; raises ServerError on error."""

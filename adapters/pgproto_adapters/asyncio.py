@@ -33,7 +33,6 @@ from ._common import (
     Deadlines,
     Tracer,
     connect_failure,
-    farewell,
     made,
     make_machine,
     open_socket,
@@ -179,25 +178,8 @@ class Connection(AsyncConnectionBase):
     async def _run_query(self) -> list[Event]:
         return await _pump(self._machine, self._io, self._trace, until_idle=True)
 
-    async def reset(self) -> None:
-        """libpq's ``PQreset``: close the connection (Terminate if it is
-        healthy) and connect again with the same parameters, from the first
-        host, within ``connect_timeout`` per address; raises
-        :class:`pgproto.ConnectError`, after which the connection is closed.
-
-        Works on a broken or closed connection too: that is what it is for.
-        """
-        machine, io = self._machine, self._io
-        self._closed = True
-        machine.reset()
-        io.clear()
-        try:
-            await _establish(machine, io, self._trace)
-        except BaseException:
-            io.finish(farewell(machine))
-            raise
-        io.clear()
-        self._closed = False
+    async def _establish(self) -> None:
+        await _establish(self._machine, self._io, self._trace)
 
 
 async def connect(
