@@ -305,3 +305,71 @@ def test_abstract_unix_socket(cluster_factory: Callable[..., Cluster]) -> None:
     with pytest.raises(ConnectError) as failure:
         blocking.connect(f"host=@pgproto-nobody-{cluster.port} port=1 user=postgres")
     assert "No such file or directory" in str(failure.value) or "refused" in str(failure.value)
+
+
+# --------------------------------------------------------------------------
+# hostaddr is dialled; host names the server for TLS and the password file
+
+
+def _outcome_libpq(conninfo: str) -> str:
+    conn = psycopg.pq.PGconn.connect(conninfo.encode())
+    try:
+        if conn.status == psycopg.pq.ConnStatus.OK:
+            return "ok"
+        return str(conn.get_error_message())
+    finally:
+        conn.finish()
+
+
+def _outcome_pgproto(conninfo: str) -> str:
+    try:
+        with blocking.connect(conninfo) as conn:
+            assert conn.hostaddr == "127.0.0.1"
+            return "ok"
+    except ConnectError as exc:
+        return str(exc.attempts[-1].error)
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("localhost", "ok"),  # the certificate names localhost: verified by host
+        ("db.invalid", 'server certificate for "localhost" (and 2 other names) does not match'),
+        # No host name: verify-full has nothing to check (the IP SAN is not used).
+        (None, "host name must be specified for a verified SSL connection"),
+    ],
+)
+def test_hostaddr_dialled_host_verified(
+    pg18: Cluster, tls_material: Any, tmp_path: Any, host: str | None, expected: str
+) -> None:
+    conninfo = (
+        f"hostaddr=127.0.0.1 port={pg18.port} user=trust_user dbname=postgres "
+        f"sslmode=verify-full sslrootcert={tls_material.ca_cert} passfile={tmp_path}/none"
+    )
+    if host is not None:
+        conninfo += f" host={host}"
+    theirs, ours = _outcome_libpq(conninfo), _outcome_pgproto(conninfo)
+    if expected == "ok":
+        assert (theirs, ours) == ("ok", "ok")
+    else:
+        assert expected in theirs
+        assert expected in ours
+
+
+def test_hostaddr_password_file_matches_the_host_name(pg18: Cluster, tmp_path: Any) -> None:
+    passfile = tmp_path / "pgpass"
+    passfile.write_text(
+        f"127.0.0.1:{pg18.port}:*:scram_user:wrong-for-the-address\n"
+        f"db.example:{pg18.port}:*:scram_user:pw-scram\n"
+    )
+    passfile.chmod(0o600)
+    conninfo = (
+        f"host=db.example hostaddr=127.0.0.1 port={pg18.port} user=scram_user "
+        f"dbname=postgres sslmode=disable passfile={passfile}"
+    )
+    assert _outcome_libpq(conninfo) == "ok"
+    assert _outcome_pgproto(conninfo) == "ok"
+    # Without the host name, the address is the lookup key: the wrong password.
+    by_address = conninfo.replace("host=db.example ", "")
+    assert "password authentication failed" in _outcome_libpq(by_address)
+    assert "password authentication failed" in _outcome_pgproto(by_address)
