@@ -377,7 +377,6 @@ async def _cancel_when_accepted(
     if runner.name == "asyncio":
         task = asyncio.ensure_future(operation)
         await _wait_for(runner, reached)
-        await asyncio.sleep(0.05)
         assert not task.done()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -391,7 +390,6 @@ async def _cancel_when_accepted(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run_it)
             await _wait_for(runner, reached)
-            await trio.sleep(0.05)
             scope.cancel()
     assert scope.cancelled_caught
 

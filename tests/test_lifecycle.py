@@ -373,3 +373,28 @@ def test_hostaddr_password_file_matches_the_host_name(pg18: Cluster, tmp_path: A
     by_address = conninfo.replace("host=db.example ", "")
     assert "password authentication failed" in _outcome_libpq(by_address)
     assert "password authentication failed" in _outcome_pgproto(by_address)
+
+
+@pytest.mark.parametrize("host", ["\ud800x.invalid", "a" * 64 + ".invalid"])
+def test_host_names_python_cannot_encode_fail_in_the_resolver(host: str) -> None:
+    import asyncio
+
+    import trio
+    from pgproto_adapters import asyncio as asyncio_adapter
+    from pgproto_adapters import trio as trio_adapter
+
+    conninfo = "port=5432 user=u sslmode=disable"
+    errors: list[ConnectError] = []
+    with pytest.raises(ConnectError) as failure:
+        blocking.connect(conninfo, host=host)
+    errors.append(failure.value)
+
+    async def via(module: Any) -> None:
+        with pytest.raises(ConnectError) as failure:
+            await module.connect(conninfo, host=host)
+        errors.append(failure.value)
+
+    asyncio.run(via(asyncio_adapter))
+    trio.run(via, trio_adapter)
+    for error in errors:
+        assert "could not translate host name" in str(error.attempts[-1].error)

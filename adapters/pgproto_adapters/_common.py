@@ -452,8 +452,13 @@ def resolver_host(host: str) -> bytes:
     """*host* as ``getaddrinfo`` should get it: the bytes libpq passes (UTF-8),
     so that a name Python's IDNA codec refuses (a label over 63 characters,
     a lone surrogate) fails in the resolver with libpq's message instead of
-    raising UnicodeError."""
-    return host.encode("utf-8", "surrogateescape")
+    raising UnicodeError.  Bytes that came in undecodable (surrogate
+    escapes) go back as they were; any other lone surrogate is passed
+    through encoded, for the resolver to reject."""
+    try:
+        return host.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return host.encode("utf-8", "surrogatepass")
 
 
 def connect_failure(exc: OSError) -> OSError:

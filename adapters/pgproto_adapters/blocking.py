@@ -45,6 +45,7 @@ from pgproto._machine import ConnectionStateMachine
 from ._common import (
     RECV_SIZE,
     ConnectionBase,
+    Deadlines,
     QueryResult,
     Tracer,
     farewell,
@@ -67,15 +68,14 @@ _OK = PollingStatus.OK
 _FAILED = PollingStatus.FAILED
 
 
-class _Transport:
+class _Transport(Deadlines):
     """The current socket, its unsent bytes, a connect() in progress, and the
-    per-address deadline."""
+    deadlines (``time.monotonic()``; ``deadline`` is the earlier of the
+    per-address one and the caller's overall one)."""
 
-    def __init__(self, overall: float | None = None) -> None:
+    def __init__(self) -> None:
+        super().__init__()
         self.sock: socket.socket | None = None
-        #: The per-address deadline (connect_timeout) and the caller's overall one.
-        self.deadline: float | None = None
-        self.overall = overall
         #: The command whose non-blocking connect() has not completed yet.
         self.connecting: OpenConnection | None = None
         #: What the socket did not take yet; it goes out before anything new.
@@ -88,16 +88,9 @@ class _Transport:
     def wait(self, events: int) -> bool:
         """Wait until the socket is ready for *events* (``WAIT_READ`` or
         ``WAIT_WRITE``); False when the deadline passed."""
-        when = self.earliest()
+        when = self.deadline
         timeout = None if when is None else max(0.0, when - time.monotonic())
         return self._poll(events, timeout)
-
-    def earliest(self) -> float | None:
-        """The deadline that comes first (None: wait without limit)."""
-        deadline, overall = self.deadline, self.overall
-        if deadline is None or (overall is not None and overall < deadline):
-            return overall
-        return deadline
 
     def ready(self, events: int) -> bool:
         """Is the socket ready for *events* now?  Never waits."""
@@ -195,7 +188,7 @@ def _advance(
                 elif isinstance(event, ResolveHost):
                     _resolve(machine, io, event)
                 elif isinstance(event, StartTimer):
-                    io.deadline = time.monotonic() + event.seconds
+                    io.start_timer(time.monotonic() + event.seconds)
             status = machine.poll()
             if status is _OK:
                 return status
@@ -253,34 +246,26 @@ def _advance(
 
 
 def _expired(machine: ConnectionStateMachine, io: _Transport) -> bool:
-    """Tell *machine* if a deadline has passed (the overall one first)."""
-    now = time.monotonic()
-    overall, deadline = io.overall, io.deadline
-    if overall is not None and now >= overall:
-        io.overall = io.deadline = None
-        if io.connecting is not None:
-            io.drop()  # the machine has no transport to close yet
-        machine.deadline_expired()
-        return True
-    if deadline is not None and now >= deadline:
-        io.deadline = None  # the machine sends StartTimer for whatever it tries next
-        if io.connecting is not None:
-            io.drop()
-        machine.timer_expired()
-        return True
-    return False
+    """Tell *machine* if a deadline has passed (which one: ``io.expired``)."""
+    deadline = io.deadline
+    if deadline is None or time.monotonic() < deadline:
+        return False
+    if io.connecting is not None:
+        io.drop()  # the machine has no transport to close yet
+    io.expired(machine)
+    return True
 
 
 def _resolve(machine: ConnectionStateMachine, io: _Transport, event: ResolveHost) -> None:
     """Answer a ResolveHost command.  Without a deadline getaddrinfo runs here;
     with one it runs in a helper thread, so that a stalled resolver costs at
     most the deadline (the thread is left to finish on its own)."""
-    when = io.earliest()
+    when = io.deadline
     if when is None:
         try:
             machine.addresses_resolved(resolve(event.host, event.port))
-        except (socket.gaierror, UnicodeError) as exc:
-            machine.resolve_failed(getattr(exc, "strerror", None) or str(exc))
+        except socket.gaierror as exc:
+            machine.resolve_failed(exc.strerror or str(exc))
         return
     outcome: list[list[str] | BaseException] = []
     done = threading.Event()
@@ -294,15 +279,13 @@ def _resolve(machine: ConnectionStateMachine, io: _Transport, event: ResolveHost
 
     threading.Thread(target=lookup, name="pgproto getaddrinfo", daemon=True).start()
     if not done.wait(max(0.0, when - time.monotonic())):
-        if not _expired(machine, io):  # woken a hair early: the timer it was
-            io.deadline = None
-            machine.timer_expired()
+        io.expired(machine)
         return
     result = outcome[0]
     if isinstance(result, list):
         machine.addresses_resolved(result)
-    elif isinstance(result, socket.gaierror | UnicodeError):
-        machine.resolve_failed(getattr(result, "strerror", None) or str(result))
+    elif isinstance(result, socket.gaierror):
+        machine.resolve_failed(result.strerror or str(result))
     else:
         raise result
 
@@ -401,7 +384,7 @@ class Connection(ConnectionBase):
         it passed), None without one.  The next :meth:`connect_poll` after it
         moves on to the next address or host (or, for the overall deadline,
         fails)."""
-        deadline = self._io.earliest()
+        deadline = self._io.deadline
         if deadline is None or self._closed or self._machine.status in _SETTLED:
             return None
         return max(0.0, deadline - time.monotonic())
@@ -435,7 +418,7 @@ class Connection(ConnectionBase):
             raise
         assert status is not None
         if status is _OK:
-            io.deadline = None
+            io.clear()
         elif status is _FAILED:
             io.drop()
         self._polled = status
@@ -584,8 +567,10 @@ def _new(
         random_bytes=random_bytes,
         key_passphrase_hook=key_passphrase_hook,
     )
-    deadline = None if overall is None else time.monotonic() + overall
-    return Connection(machine, _Transport(deadline), trace)
+    io = _Transport()
+    if overall is not None:
+        io.set_overall(time.monotonic() + overall)
+    return Connection(machine, io, trace)
 
 
 def ping(
