@@ -5,6 +5,7 @@ is private.  pgproto imports no socket, selector, event loop or clock: the
 adapters in ``pgproto_adapters`` do the IO.
 """
 
+from ._cancel import CancelStateMachine
 from ._conninfo import is_conninfo_string, parse_conninfo
 from ._enums import ConnStatus, Ping, PollingStatus
 from ._environment import Environment
@@ -12,6 +13,7 @@ from ._errors import (
     Attempt,
     AuthenticationError,
     ConnectError,
+    ConnectionClosed,
     ConninfoError,
     Error,
     LocalProtocolError,
@@ -76,12 +78,14 @@ __all__ = [
     "AuthenticationError",
     "AuthenticationRequested",
     "BackendKeyData",
+    "CancelStateMachine",
     "CloseConnection",
     "CommandComplete",
     "ConnParams",
     "ConnStatus",
     "ConnectError",
     "Connected",
+    "ConnectionClosed",
     "ConnectionStateMachine",
     "ConninfoError",
     "ConninfoOption",

@@ -38,6 +38,7 @@ __all__ = [
     "Attempt",
     "AuthenticationError",
     "ConnectError",
+    "ConnectionClosed",
     "ConninfoError",
     "Error",
     "LocalProtocolError",
@@ -82,6 +83,12 @@ class ProtocolError(Error):
 
 class LocalProtocolError(ProtocolError):
     """The caller misused the protocol machinery."""
+
+
+class ConnectionClosed(LocalProtocolError):
+    """The connection was closed (by this process): raised by an operation on
+    a closed connection, and in a task or thread that was waiting on the
+    connection when another one closed it."""
 
 
 class RemoteProtocolError(ProtocolError):

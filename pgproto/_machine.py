@@ -282,6 +282,9 @@ class ConnectionStateMachine:
     _check_failed: bool
     _checked: dict[str, bool]
 
+    #: What each status is doing, for :class:`~pgproto.Attempt` records.
+    _step_names: dict[ConnStatus, str] = _STEP_NAMES
+
     def __init__(
         self,
         params: ConnParams,
@@ -667,7 +670,7 @@ class ConnectionStateMachine:
             host=(host.host if host is not None else None),
             address=(address.address if address is not None else (host.hostaddr if host else None)),
             port=(host.port if host is not None else None),
-            step=_STEP_NAMES.get(self._status, self._status.name),
+            step=self._step_names.get(self._status, self._status.name),
             encryption=(
                 "none" if self._status is _S.NEEDED else SSL if self._method == SSL else PLAINTEXT
             ),

@@ -46,6 +46,8 @@ class Input(enum.Enum):
     FAILED = enum.auto()  # nothing left to try, or a fatal error
     CLOSED = enum.auto()  # close() on a healthy connection
     RESET = enum.auto()  # reset(): start again from the first host
+    CANCEL_SENT = enum.auto()  # CancelRequest queued (cancel connections only)
+    CANCEL_CONFIRMED = enum.auto()  # the server closed the cancel connection
 
 
 _S = ConnStatus
@@ -80,6 +82,10 @@ TRANSITIONS: Final[dict[tuple[ConnStatus, Input], ConnStatus]] = {
     (_S.OK, Input.CLOSED): _S.BAD,
     (_S.OK, Input.FAILED): _S.BAD,
     (_S.BAD, Input.RESET): _S.NEEDED,
+    # A cancel connection (_cancel.py) sends CancelRequest where a normal
+    # one sends the startup packet, and is done when the server hangs up.
+    (_S.MADE, Input.CANCEL_SENT): _S.AWAITING_RESPONSE,
+    (_S.AWAITING_RESPONSE, Input.CANCEL_CONFIRMED): _S.OK,
     **{(s, Input.RETRY): _S.NEEDED for s in _ANY_LIVE},
     **{(s, Input.FAILED): _S.BAD for s in _ANY_LIVE},
 }

@@ -173,8 +173,12 @@ def test_transition_table_shape() -> None:
     assert TRANSITIONS[_S.BAD, Input.RESET] is _S.NEEDED
     unused = {_S.GSS_STARTUP, _S.AUTHENTICATING, _S.SETENV, _S.ALLOCATED}
     assert not unused & (targets | sources)
-    # OK is reached only once target_session_attrs is satisfied.
-    assert [old for (old, _), new in TRANSITIONS.items() if new is _S.OK] == [_S.CHECK_TARGET]
+    # OK is reached only once target_session_attrs is satisfied -- or, for a
+    # cancel connection, once the server hung up after the CancelRequest.
+    assert {(old, event) for (old, event), new in TRANSITIONS.items() if new is _S.OK} == {
+        (_S.CHECK_TARGET, Input.TARGET_ACCEPTED),
+        (_S.AWAITING_RESPONSE, Input.CANCEL_CONFIRMED),
+    }
     # Every live state can fail and can retry.
     for status in sources - {_S.OK, _S.BAD}:
         assert TRANSITIONS[status, Input.FAILED] is _S.BAD

@@ -6,20 +6,25 @@ never waits on them.  Each adapter module is the pump loop for one IO model.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import ipaddress
+import logging
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, Self
 
 from pgproto import (
+    CancelStateMachine,
+    ConnectionClosed,
     ConnParams,
     Environment,
     Error,
-    LocalProtocolError,
     Ping,
+    PollingStatus,
     ServerError,
     ping_outcome,
     resolve_params,
@@ -34,14 +39,18 @@ from pgproto._events import (
     ErrorResponse,
     Event,
     NoticeResponse,
+    NotificationResponse,
     OpenConnection,
     ReadyForQuery,
+    ResolveHost,
     RowDescription,
+    StartTimer,
 )
 from pgproto._machine import ConnectionStateMachine
 
 __all__ = [
     "AsyncConnectionBase",
+    "AsyncTransport",
     "ConnectionBase",
     "QueryCollector",
     "QueryResult",
@@ -219,15 +228,57 @@ class QueryCollector:
 # --------------------------------------------------------------------------
 # the Connection surface
 
+#: Where the default notice handler sends server notices.
+NOTICE_LOGGER: Final = logging.getLogger("pgproto.notice")
+_NOTICE_LEVELS: Final = {
+    "WARNING": logging.WARNING,
+    "NOTICE": logging.INFO,
+    "INFO": logging.INFO,
+    "LOG": logging.DEBUG,
+}
+#: Notifications kept for :meth:`notifies` at most; the oldest are dropped
+#: (with a warning in the log) when a connection receives more than this
+#: while nobody reads them.
+MAX_PENDING_NOTIFIES: Final = 65536
+#: How long a cancelled query may take to be cancelled and drained when the
+#: connection has no ``connect_timeout`` (seconds).
+DEFAULT_CANCEL_GRACE: Final = 10.0
+
+NoticeHandler = Callable[[NoticeResponse], None]
+_ASYNCHRONOUS: Final = frozenset((NoticeResponse, NotificationResponse))
+_log = logging.getLogger("pgproto")
+
+
+def log_notice(notice: NoticeResponse) -> None:
+    """The default notice handler: log *notice* on the ``pgproto.notice``
+    logger (WARNING as a warning, NOTICE and INFO as info, LOG and DEBUG as
+    debug) -- never on stderr by itself."""
+    severity = notice.severity
+    level = _NOTICE_LEVELS.get(severity, logging.DEBUG)
+    if NOTICE_LOGGER.isEnabledFor(level):
+        NOTICE_LOGGER.log(level, "%s:  %s", severity or "NOTICE", notice.message)
+
+
+def cancel_grace(machine: ConnectionStateMachine) -> float:
+    """The bound on cancelling and draining an interrupted query:
+    ``connect_timeout``, else :data:`DEFAULT_CANCEL_GRACE`."""
+    seconds = machine.params.connect_timeout
+    return float(seconds) if seconds is not None else DEFAULT_CANCEL_GRACE
+
 
 class ConnectionBase:
-    """The read-only surface every adapter's Connection shares."""
+    """The surface every adapter's Connection shares."""
 
     _machine: ConnectionStateMachine
 
-    def __init__(self, machine: ConnectionStateMachine) -> None:
+    def __init__(
+        self, machine: ConnectionStateMachine, notice_handler: NoticeHandler | None = None
+    ) -> None:
         self._machine = machine
-        self.notices: list[NoticeResponse] = []
+        #: Called with every NoticeResponse, in order (default: :func:`log_notice`).
+        self.notice_handler: NoticeHandler = notice_handler or log_notice
+        self._pending_notifies: collections.deque[NotificationResponse] = collections.deque()
+        self._closed = False
 
     @property
     def machine(self) -> ConnectionStateMachine:
@@ -264,7 +315,14 @@ class ConnectionBase:
 
     @property
     def server_parameters(self) -> dict[str, str]:
+        """The server's parameters as last reported (ParameterStatus), also
+        after startup: ``SET application_name`` shows here."""
         return self._machine.server_parameters
+
+    @property
+    def transaction_status(self) -> str | None:
+        """``"I"`` idle, ``"T"`` in a transaction, ``"E"`` in a failed one."""
+        return self._machine.transaction_status
 
     @property
     def auth_method(self) -> str | None:
@@ -278,17 +336,38 @@ class ConnectionBase:
     def closed(self) -> bool:
         return self._closed
 
-    _closed: bool = False
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConnectionClosed("the connection is closed")
 
     def _begin_query(self, sql: str) -> QueryCollector:
-        if self._closed:
-            raise LocalProtocolError("the connection is closed")
+        self._check_open()
         self._machine.send_query(sql)
         return QueryCollector()
 
-    def _note(self, event: Event) -> None:
-        if isinstance(event, NoticeResponse):
-            self.notices.append(event)
+    def _cancel_machine(self) -> CancelStateMachine:
+        """The cancel request for the running query (``PQcancelCreate``)."""
+        self._check_open()
+        return CancelStateMachine(self._machine)
+
+    def _dispatch(self, events: Iterable[Event]) -> None:
+        """Deliver the asynchronous messages among *events*: notices to the
+        handler, notifications to the queue :meth:`notifies` reads."""
+        for event in events:
+            if isinstance(event, NoticeResponse):
+                try:
+                    self.notice_handler(event)
+                except Exception:
+                    _log.exception("the notice handler raised")
+            elif isinstance(event, NotificationResponse):
+                pending = self._pending_notifies
+                if len(pending) >= MAX_PENDING_NOTIFIES:
+                    pending.popleft()
+                    _log.warning(
+                        "more than %d notifications not read: the oldest was dropped",
+                        MAX_PENDING_NOTIFIES,
+                    )
+                pending.append(event)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else self._machine.status.name
@@ -296,33 +375,90 @@ class ConnectionBase:
         return f"<{type(self).__module__}.{type(self).__name__} {state} {where}:{self.port}>"
 
 
-class Transport(Protocol):
-    """What a Connection needs of its adapter's transport."""
+def collect_idle(
+    machine: ConnectionStateMachine,
+) -> tuple[list[Event], bytes | None, Error | None]:
+    """After bytes arrived on an idle connection: the events *machine* has,
+    the bytes to send before closing the transport if it asks for that
+    (else None), and the error that broke the connection (else None)."""
+    events: list[Event] = []
+    close: bytes | None = None
+    try:
+        while (event := machine.next_event()) is not NEED_DATA:
+            if isinstance(event, CloseConnection):
+                close = event.data
+            else:
+                events.append(event)
+    except Error as exc:
+        return events, close, exc
+    return events, close, None
 
-    def finish(self, data: bytes) -> None:
-        """Send *data* if possible (never waiting), then close the socket."""
 
-    def clear(self) -> None:
-        """Forget every deadline (connected: queries wait without limit)."""
+def idle_error(events: list[Event], error: Error) -> Error:
+    """What to raise when an idle connection broke: the server's own
+    ErrorResponse if it sent one before hanging up (a FATAL such as
+    "terminating connection due to administrator command"), else *error*."""
+    for event in events:
+        if isinstance(event, ErrorResponse):
+            cause = event.error
+            cause.__cause__ = error
+            return cause
+    return error
 
 
 class AsyncConnectionBase(ConnectionBase):
-    """simple_query / close for the async adapters; each supplies the pump."""
+    """simple_query, notifies, cancel, reset and close for the async
+    adapters, over the adapter's :class:`AsyncTransport`.
+
+    One task uses the socket at a time (``_lock``).  :meth:`notifies` holds
+    it only while it waits for the server, and gives it up as soon as a
+    query wants it (``preempt``), so that queries and a notification
+    listener can share a connection.  :meth:`close` takes no lock: it wakes
+    every task waiting on the connection with :class:`pgproto.ConnectionClosed`.
+    """
+
+    _lock: Any  # the framework's Lock
 
     def __init__(
-        self, machine: ConnectionStateMachine, io: Transport, trace: Tracer | None
+        self,
+        machine: ConnectionStateMachine,
+        io: AsyncTransport,
+        trace: Tracer | None,
+        notice_handler: NoticeHandler | None = None,
     ) -> None:
-        super().__init__(machine)
+        super().__init__(machine, notice_handler)
         self._io = io
         self._trace = trace
+        self._wanted = 0  # queries waiting for the socket
 
-    async def _run_query(self) -> list[Event]:
-        """Pump the machine until the query is over; the events it produced."""
+    # -- what each adapter supplies ------------------------------------------
+
+    def _new_transport(self) -> AsyncTransport:
         raise NotImplementedError
 
-    async def _establish(self) -> None:
-        """Pump the machine until it is connected (or raises), under the deadlines."""
+    async def _establish_on(self, machine: ConnectionStateMachine, io: AsyncTransport) -> None:
+        """Pump *machine* over *io* until it is connected (or raises), under
+        *io*'s deadlines; then clear them."""
         raise NotImplementedError
+
+    # -- connecting ---------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        """The first connection (``connect()``): on failure or cancellation
+        the socket is closed before the exception goes on."""
+        io = self._io
+        try:
+            await self._establish_on(self._machine, io)
+        except BaseException:
+            await io.drop()
+            raise
+        self._take_asynchronous()
+
+    def _take_asynchronous(self) -> None:
+        io = self._io
+        if io.asynchronous:
+            events, io.asynchronous = io.asynchronous, []
+            self._dispatch(events)
 
     async def reset(self) -> None:
         """libpq's ``PQreset``: close the connection (Terminate if it is
@@ -333,35 +469,182 @@ class AsyncConnectionBase(ConnectionBase):
         Works on a broken or closed connection too: that is what it is for.
         """
         machine, io = self._machine, self._io
-        self._closed = True
+        was_closed, self._closed = self._closed, True
+        await io.finish(b"" if was_closed else farewell(machine))
         machine.reset()
-        io.clear()
         try:
-            await self._establish()
+            await self._establish_on(machine, io)
         except BaseException:
-            io.finish(farewell(machine))
+            farewell(machine)
+            await io.drop()
             raise
-        io.clear()
         self._closed = False
+        self._take_asynchronous()
+
+    # -- queries --------------------------------------------------------------
 
     async def simple_query(self, sql: str) -> list[QueryResult]:
-        """Run *sql* with the simple query protocol; raises ServerError on error."""
-        collector = self._begin_query(sql)
+        """Run *sql* with the simple query protocol; raises ServerError on error.
+
+        Cancelled (a cancel scope, a timeout, ``Task.cancel()``) while the
+        server runs it, the query is cancelled on the server (a
+        CancelRequest, as :meth:`cancel` sends it) and its results drained,
+        shielded from the cancellation and within ``connect_timeout`` (10 s
+        without one); the connection is then idle and usable -- or, if that
+        did not work out in time, closed.  Then the cancellation goes on.
+        """
+        self._check_open()
+        io = self._io
+        self._wanted += 1
+        io.preempt()
         try:
-            for event in await self._run_query():
-                self._note(event)
-                collector.feed(event)
-        except BaseException:
-            await self.close()
-            raise
+            await self._lock.acquire()
+        finally:
+            self._wanted -= 1
+        try:
+            collector = self._begin_query(sql)
+            try:
+                events = await async_pump(self._machine, self._io, self._trace, True)
+            except ConnectionClosed:
+                raise
+            except io.cancellation:
+                await self._recover()
+                raise
+            except BaseException:
+                await self._abandon()
+                raise
+        finally:
+            self._lock.release()
+        self._dispatch(events)
+        for event in events:
+            collector.feed(event)
         return collector.outcome()
 
-    async def close(self) -> None:
-        """Send Terminate (if healthy) and close the socket. Idempotent."""
+    async def _recover(self) -> None:
+        """After a cancelled :meth:`simple_query`: cancel it on the server and
+        drain it, shielded and bounded; close the connection if that fails."""
+        machine, io = self._machine, self._io
+        if self._closed or not machine.query_in_progress:
+            return
+        if io.sending:
+            await self._abandon()
+            return
+        grace = cancel_grace(machine)
+        done = False
+        try:
+            async with io.shielded(grace):
+                with contextlib.suppress(Error):
+                    # Not delivered: the query may still end within the grace.
+                    await self._send_cancel(CancelStateMachine(machine), io.now() + grace)
+                self._dispatch(await async_pump(machine, io, self._trace, True))
+                done = True
+        except BaseException:
+            await self._abandon()
+            raise
+        if not done:
+            _log.warning(
+                "the interrupted query on %r did not end within %.1f s: closing the connection",
+                self,
+                grace,
+            )
+            await self._abandon()
+
+    async def _abandon(self) -> None:
+        """Close at once, sending nothing (the stream may be mid-message)."""
         if self._closed:
             return
         self._closed = True
-        self._io.finish(farewell(self._machine))
+        farewell(self._machine)
+        await self._io.drop()
+
+    # -- cancel -----------------------------------------------------------------
+
+    async def cancel(self, *, timeout: float | None = None) -> None:
+        """Ask the server to cancel the query running on this connection
+        (libpq 17's ``PQcancelBlocking``): a CancelRequest over a new
+        connection to the same address, encrypted as this connection's
+        settings say, within ``connect_timeout`` and *timeout* (seconds).
+
+        Returns once the server has taken the request -- which says nothing
+        of whether a query was running, or was cancelled.  Raises
+        :class:`pgproto.ConnectError` if it could not be delivered, and
+        :class:`pgproto.LocalProtocolError` if there is nothing to cancel
+        on (closed, or no cancellation key received).
+        """
+        cancel = self._cancel_machine()
+        seconds = overall_timeout(timeout)
+        await self._send_cancel(cancel, None if seconds is None else self._io.now() + seconds)
+
+    async def _send_cancel(self, cancel: CancelStateMachine, deadline: float | None) -> None:
+        io = self._new_transport()
+        if deadline is not None:
+            io.set_overall(deadline)
+        try:
+            await self._establish_on(cancel, io)
+        finally:
+            await io.drop()
+
+    # -- notifications --------------------------------------------------------
+
+    async def notifies(
+        self, *, timeout: float | None = None, stop_after: int | None = None
+    ) -> AsyncIterator[NotificationResponse]:
+        """LISTEN/NOTIFY notifications, in the order the server sent them
+        (``pid``, ``channel``, ``payload``), as an async iterator.
+
+        It waits for the server while the connection is idle, and gives the
+        connection up to any query another task runs meanwhile (whose
+        notifications are kept for it).  Ends after *timeout* seconds, or
+        *stop_after* notifications; else runs until cancelled, or until the
+        connection is closed (:class:`pgproto.ConnectionClosed`).
+        """
+        seconds = None if timeout is None else overall_timeout(timeout)
+        io = self._io
+        deadline = None if seconds is None else io.now() + seconds
+        count = 0
+        pending = self._pending_notifies
+        while True:
+            while pending:
+                yield pending.popleft()
+                count += 1
+                if stop_after is not None and count >= stop_after:
+                    return
+            self._check_open()
+            if deadline is not None and io.now() >= deadline:
+                return
+            async with self._lock:
+                if self._closed or pending or self._wanted:
+                    continue
+                data = await io.receive_idle(deadline)
+                if data is not None:
+                    await self._absorb(data)
+
+    async def _absorb(self, data: bytes) -> None:
+        """Bytes that arrived on an idle connection: deliver what they carry;
+        if they end the connection, close it and raise why."""
+        machine = self._machine
+        machine.receive_data(data)
+        events, close, error = collect_idle(machine)
+        if close is not None:
+            self._closed = True
+            await self._io.finish(close)
+        self._dispatch(events)
+        if error is not None:
+            self._closed = True
+            await self._io.drop()
+            raise idle_error(events, error)
+
+    # -- closing ----------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Send Terminate (if healthy; inside TLS, followed by close_notify)
+        and close the socket.  Idempotent.  Any task waiting on the
+        connection (a query, :meth:`notifies`) is woken with
+        :class:`pgproto.ConnectionClosed`."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._io.finish(farewell(self._machine))
 
     async def __aenter__(self) -> Self:
         return self
@@ -481,3 +764,138 @@ async def ping_via(
         return ping_outcome(exc)
     await conn.close()
     return Ping.OK
+
+
+# --------------------------------------------------------------------------
+# the async adapters: one pump over each framework's IO primitives
+
+_CLOSED_WHILE_WAITING: Final = "the connection was closed while waiting for the server"
+
+
+def closed_while_waiting() -> ConnectionClosed:
+    return ConnectionClosed(_CLOSED_WHILE_WAITING)
+
+
+class AsyncTransport(Deadlines):
+    """What an async adapter supplies: the IO of one connection, one socket
+    (or stream) at a time, on its framework's primitives.
+
+    Every wait is a plain await, interrupted by the framework's cancellation;
+    :meth:`drop` (or :meth:`finish`) wakes a task waiting on the socket with
+    :class:`pgproto.ConnectionClosed`.  ``sending`` is True while a message
+    is being written (cancelled then, the server may hold part of it).
+    ``asynchronous`` collects notices and notifications the pump saw while
+    nobody collected its events (during connect).
+    """
+
+    __slots__ = ("asynchronous", "sending")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sending = False
+        self.asynchronous: list[Event] = []
+
+    def now(self) -> float:
+        raise NotImplementedError
+
+    async def open(self, command: OpenConnection) -> Any:
+        """Connect for *command*; return the socket (for :func:`made`).
+        Raises OSError in libpq's words, with no socket left open."""
+        raise NotImplementedError
+
+    async def send(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    async def receive(self) -> bytes:
+        """What has arrived (waiting for it); ``b""`` at the end of the stream."""
+        raise NotImplementedError
+
+    async def receive_idle(self, deadline: float | None) -> bytes | None:
+        """As :meth:`receive`, but None once *deadline* passed or
+        :meth:`preempt` was called."""
+        raise NotImplementedError
+
+    def preempt(self) -> None:
+        """Cut a :meth:`receive_idle` in progress short."""
+        raise NotImplementedError
+
+    async def resolve(self, host: str, port: int) -> list[str]:
+        """The addresses of *host* (raises socket.gaierror)."""
+        raise NotImplementedError
+
+    async def finish(self, data: bytes) -> None:
+        """Send *data* if the socket takes it at once, then close the socket."""
+        raise NotImplementedError
+
+    async def drop(self) -> None:
+        """Close the socket now, sending nothing."""
+        raise NotImplementedError
+
+    def shielded(self, seconds: float) -> contextlib.AbstractAsyncContextManager[None]:
+        """A block that the caller's cancellation does not interrupt, ended
+        (normally) after *seconds*."""
+        raise NotImplementedError
+
+    @property
+    def cancellation(self) -> type[BaseException]:
+        """The exception the framework cancels a task with."""
+        raise NotImplementedError
+
+
+_OK: Final = PollingStatus.OK
+_WRITING: Final = PollingStatus.WRITING
+_PUMP_COMMANDS: Final = frozenset((OpenConnection, CloseConnection, ResolveHost, StartTimer))
+
+
+async def async_pump(
+    machine: ConnectionStateMachine, io: AsyncTransport, trace: Tracer | None, until_idle: bool
+) -> list[Event]:
+    """Drive *machine* over *io* until it is OK (connected, or idle again
+    after a query): the reports it produced when *until_idle*."""
+    events: list[Event] = []
+    while True:
+        event = machine.next_event()
+        if event is NEED_DATA:
+            status = machine.poll()
+            if status is _OK:
+                return events
+            if status is _WRITING:
+                io.sending = True
+                # On failure, as libpq does: drop the output and read on, so
+                # that an error the server sent before closing is reported.
+                with contextlib.suppress(OSError):
+                    await io.send(machine.data_to_send())
+                io.sending = False
+                continue
+            try:
+                data = await io.receive()
+            except OSError:
+                data = b""  # ECONNRESET and the like: end of file
+            machine.receive_data(data)
+            continue
+        if trace is not None:
+            trace(event)
+        kind = type(event)
+        if kind not in _PUMP_COMMANDS:
+            if until_idle:
+                events.append(event)
+            elif kind in _ASYNCHRONOUS:
+                io.asynchronous.append(event)
+        elif isinstance(event, OpenConnection):
+            try:
+                sock = await io.open(event)
+            except OSError as exc:
+                machine.connection_failed(exc)
+                continue
+            made(machine, event, sock)
+        elif isinstance(event, CloseConnection):
+            await io.finish(event.data)
+        elif isinstance(event, ResolveHost):
+            try:
+                addresses = await io.resolve(event.host, event.port)
+            except socket.gaierror as exc:
+                machine.resolve_failed(exc.strerror or str(exc))
+            else:
+                machine.addresses_resolved(addresses)
+        elif isinstance(event, StartTimer):
+            io.start_timer(io.now() + event.seconds)

@@ -1,9 +1,13 @@
-"""Connections for :mod:`asyncio`, over the loop's socket methods.
+"""Connections for :mod:`asyncio`, over plain non-blocking sockets.
 
-The pump awaits the loop's socket methods plainly.  Deadlines (the
-per-address ``connect_timeout`` and the caller's overall ``timeout=``) are
-one :func:`asyncio.timeout_at` around the whole connection attempt, moved
-when the machine starts a timer; when it fires, the machine is told which
+The transport reads and writes the socket directly and waits with the
+loop's ``add_reader``/``add_writer`` only when the kernel says EAGAIN; every
+wait is a future of its own, so that a cancelled task knows exactly what
+was sent (the loop's ``sock_sendall`` does not say), and so that closing
+the connection wakes the task waiting on it.  Deadlines (the per-address
+``connect_timeout`` and the caller's overall ``timeout=``) are one
+:func:`asyncio.timeout_at` around the whole connection attempt, moved when
+the machine starts a timer; when it fires, the machine is told which
 deadline passed and pumping resumes.  Without either deadline there is no
 timeout at all.  A cancelled task leaves no socket open.
 """
@@ -12,28 +16,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
-from pgproto import Environment, Ping, PollingStatus
-from pgproto._events import (
-    NEED_DATA,
-    CloseConnection,
-    Event,
-    OpenConnection,
-    ResolveHost,
-    StartTimer,
-)
+from pgproto import Environment, Ping
 from pgproto._machine import ConnectionStateMachine
 
 from ._common import (
     RECV_SIZE,
     AsyncConnectionBase,
+    AsyncTransport,
     Deadlines,
+    NoticeHandler,
     Tracer,
+    async_pump,
+    closed_while_waiting,
     connect_failure,
-    made,
     make_machine,
     open_socket,
     overall_timeout,
@@ -45,129 +46,189 @@ from ._common import (
 
 __all__ = ["Connection", "connect", "ping"]
 
-_OK: Final = PollingStatus.OK
-_WRITING: Final = PollingStatus.WRITING
-_COMMANDS: Final = frozenset((OpenConnection, CloseConnection, ResolveHost, StartTimer))
+_IN_PROGRESS: Final = frozenset((errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR))
 
 
-class _Transport(Deadlines):
-    """The current socket, the deadlines (loop time), and the timeout that
-    enforces them while connecting."""
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
-    __slots__ = ("scope", "sock")
+
+class _Transport(AsyncTransport):
+    """The current socket, the deadlines (loop time), the timeout that
+    enforces them while connecting, and the future a task waits on."""
+
+    __slots__ = ("idle", "loop", "scope", "sock", "waiter")
 
     def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
         self.sock: socket.socket | None = None
         self.scope: asyncio.Timeout | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.idle = False  # the waiter is an idle read (preempt() may end it)
         super().__init__()
 
     def moved(self) -> None:
         if self.scope is not None:
             self.scope.reschedule(self.deadline)
 
-    def drop(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+    def now(self) -> float:
+        return self.loop.time()
 
-    def finish(self, data: bytes) -> None:
+    async def _wait(self, sock: socket.socket, writable: bool) -> None:
+        """Until *sock* is readable (writable); ConnectionClosed if it is
+        closed meanwhile."""
+        loop, fd = self.loop, sock.fileno()
+        waiter = self.waiter = loop.create_future()
+        if writable:
+            loop.add_writer(fd, _wake, waiter)
+        else:
+            loop.add_reader(fd, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            self.waiter = None
+            if self.sock is sock:  # else _close() unregistered it
+                if writable:
+                    loop.remove_writer(fd)
+                else:
+                    loop.remove_reader(fd)
+
+    async def open(self, command: Any) -> socket.socket:
+        sock = self.sock = open_socket(command)
+        try:
+            error = sock.connect_ex(sockaddr(command.address))
+            if error in _IN_PROGRESS:
+                await self._wait(sock, True)
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError as exc:
+            self._close()
+            raise connect_failure(exc) from None
+        if error:
+            self._close()
+            raise OSError(error, os.strerror(error))
+        return sock
+
+    async def send(self, data: bytes) -> None:
+        sock = self._socket()
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[sock.send(view) :]
+            except BlockingIOError:
+                await self._wait(sock, True)
+
+    async def receive(self) -> bytes:
+        sock = self._socket()
+        while True:
+            try:
+                return sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                await self._wait(sock, False)
+
+    async def receive_idle(self, deadline: float | None) -> bytes | None:
+        sock = self._socket()
+        try:
+            return sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            pass
+        except OSError:
+            return b""
+        self.idle = True
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._wait(sock, False)
+        except TimeoutError:
+            return None
+        finally:
+            self.idle = False
+        try:
+            return sock.recv(RECV_SIZE)
+        except BlockingIOError:  # preempted (or a spurious wake-up)
+            return None
+        except OSError:
+            return b""
+
+    def preempt(self) -> None:
+        if self.idle and self.waiter is not None:
+            _wake(self.waiter)
+
+    async def resolve(self, host: str, port: int) -> list[str]:
+        """A numeric address is answered at once, in this thread (as trio
+        does); a name goes to the loop's executor -- a deadline cuts that
+        wait short, and the lookup goes on in the executor's thread, its
+        answer ignored."""
+        name = resolver_host(host)
+        try:
+            infos = socket.getaddrinfo(
+                name, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+            )
+        except socket.gaierror:
+            infos = await self.loop.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+        return stream_addresses(infos)
+
+    async def finish(self, data: bytes) -> None:
         if data and self.sock is not None:
             with contextlib.suppress(OSError):
                 self.sock.send(data)
-        self.drop()
+        self._close()
+
+    async def drop(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        self.sock = None
+        waiter = self.waiter
+        if waiter is not None:
+            fd = sock.fileno()
+            self.loop.remove_reader(fd)
+            self.loop.remove_writer(fd)
+            if not waiter.done():
+                waiter.set_exception(closed_while_waiting())
+        sock.close()
+
+    def _socket(self) -> socket.socket:
+        if self.sock is None:
+            raise closed_while_waiting()
+        return self.sock
+
+    @contextlib.asynccontextmanager
+    async def shielded(self, seconds: float) -> AsyncIterator[None]:
+        # asyncio delivers a cancellation once: after the CancelledError was
+        # caught, awaits work again unless the task is cancelled anew.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                yield
+
+    @property
+    def cancellation(self) -> type[BaseException]:
+        return asyncio.CancelledError
 
 
 async def _establish(machine: ConnectionStateMachine, io: _Transport, trace: Tracer | None) -> None:
-    """Pump *machine* until it is connected (or raises), under the deadlines."""
+    """Pump *machine* until it is connected (or raises), under the deadlines;
+    then clear them."""
     if not Deadlines.needed(machine, io.overall):
-        await _pump(machine, io, trace, until_idle=False)
+        await async_pump(machine, io, trace, False)
         return
     while True:
         scope = io.scope = asyncio.timeout_at(io.deadline)
         try:
             async with scope:
-                await _pump(machine, io, trace, until_idle=False)
+                await async_pump(machine, io, trace, False)
+            io.scope = None
+            io.clear()
             return
         except TimeoutError:
             if not scope.expired():
                 raise
         finally:
             io.scope = None
-        io.drop()  # a connect() cut short: the machine has no transport to close
+        io._close()  # a connect() cut short: the machine has no transport to close
         io.expired(machine)
-
-
-async def _pump(
-    machine: ConnectionStateMachine, io: _Transport, trace: Tracer | None, until_idle: bool
-) -> list[Event]:
-    """Drive *machine* until it is OK (or idle again after a query); the
-    reports it produced when *until_idle*."""
-    loop = asyncio.get_running_loop()
-    events: list[Event] = []
-    while True:
-        event = machine.next_event()
-        if event is NEED_DATA:
-            status = machine.poll()
-            if status is _OK:
-                return events
-            sock = io.sock
-            assert sock is not None
-            if status is _WRITING:
-                # On failure, as libpq does: drop the output and read on, so
-                # that an error the server sent before closing is what is reported.
-                with contextlib.suppress(OSError):
-                    await loop.sock_sendall(sock, machine.data_to_send())
-                continue
-            try:
-                data = await loop.sock_recv(sock, RECV_SIZE)
-            except OSError:
-                data = b""  # ECONNRESET and the like: end of file
-            machine.receive_data(data)
-            continue
-        if trace is not None:
-            trace(event)
-        if type(event) not in _COMMANDS:
-            if until_idle:
-                events.append(event)
-        elif isinstance(event, OpenConnection):
-            try:
-                sock = open_socket(event)
-            except OSError as exc:
-                machine.connection_failed(exc)
-                continue
-            io.sock = sock
-            try:
-                await loop.sock_connect(sock, sockaddr(event.address))
-            except OSError as exc:
-                io.drop()
-                machine.connection_failed(connect_failure(exc))
-                continue
-            made(machine, event, sock)
-        elif isinstance(event, CloseConnection):
-            io.finish(event.data)
-        elif isinstance(event, ResolveHost):
-            try:
-                infos = await _getaddrinfo(loop, resolver_host(event.host), event.port)
-            except socket.gaierror as exc:
-                machine.resolve_failed(exc.strerror or str(exc))
-            else:
-                machine.addresses_resolved(stream_addresses(infos))
-        elif isinstance(event, StartTimer):
-            io.start_timer(loop.time() + event.seconds)
-
-
-async def _getaddrinfo(
-    loop: asyncio.AbstractEventLoop, host: bytes, port: int
-) -> list[tuple[Any, ...]]:
-    """``getaddrinfo`` for a stream connection.  A numeric address is
-    answered at once, in this thread (as trio does); a name goes to the
-    loop's executor -- a deadline cuts that wait short, and the lookup goes
-    on in the executor's thread, its answer ignored."""
-    try:
-        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
-    except socket.gaierror:
-        pass
-    return await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
 
 
 class Connection(AsyncConnectionBase):
@@ -175,11 +236,16 @@ class Connection(AsyncConnectionBase):
 
     _io: _Transport
 
-    async def _run_query(self) -> list[Event]:
-        return await _pump(self._machine, self._io, self._trace, until_idle=True)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._lock = asyncio.Lock()
 
-    async def _establish(self) -> None:
-        await _establish(self._machine, self._io, self._trace)
+    def _new_transport(self) -> _Transport:
+        return _Transport()
+
+    async def _establish_on(self, machine: ConnectionStateMachine, io: AsyncTransport) -> None:
+        assert isinstance(io, _Transport)
+        await _establish(machine, io, self._trace)
 
 
 async def connect(
@@ -190,6 +256,7 @@ async def connect(
     trace: Tracer | None = None,
     random_bytes: Callable[[int], bytes] | None = None,
     key_passphrase_hook: Callable[[str], str] | None = None,
+    notice_handler: NoticeHandler | None = None,
     timeout: float | None = None,
     **kwargs: Any,
 ) -> Connection:
@@ -198,11 +265,12 @@ async def connect(
     *timeout* (seconds) bounds the whole attempt, name resolution included,
     on top of the per-address ``connect_timeout``: when it passes, the
     current attempt fails with "timeout expired (overall deadline)" and no
-    other host is tried.
+    other host is tried.  *notice_handler* gets every NoticeResponse
+    (default: the ``pgproto.notice`` logger).
     """
     seconds = overall_timeout(timeout)
-    loop = asyncio.get_running_loop()
-    start = loop.time()
+    io = _Transport()
+    start = io.loop.time()
     machine = make_machine(
         conninfo,
         kwargs,
@@ -210,16 +278,11 @@ async def connect(
         random_bytes=random_bytes,
         key_passphrase_hook=key_passphrase_hook,
     )
-    io = _Transport()
     if seconds is not None:
         io.set_overall(start + seconds)
-    try:
-        await _establish(machine, io, trace)
-    except BaseException:
-        io.drop()
-        raise
-    io.clear()
-    return Connection(machine, io, trace)
+    conn = Connection(machine, io, trace, notice_handler)
+    await conn._connect()
+    return conn
 
 
 async def ping(

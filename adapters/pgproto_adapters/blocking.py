@@ -20,10 +20,12 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Final
 
 from pgproto import (
+    CancelStateMachine,
+    ConnectionClosed,
     ConnStatus,
     Environment,
     Error,
@@ -36,6 +38,8 @@ from pgproto._events import (
     NEED_DATA,
     CloseConnection,
     Event,
+    NoticeResponse,
+    NotificationResponse,
     OpenConnection,
     ResolveHost,
     StartTimer,
@@ -46,9 +50,13 @@ from ._common import (
     RECV_SIZE,
     ConnectionBase,
     Deadlines,
+    NoticeHandler,
     QueryResult,
     Tracer,
+    closed_while_waiting,
+    collect_idle,
     farewell,
+    idle_error,
     made,
     make_machine,
     open_socket,
@@ -57,7 +65,7 @@ from ._common import (
     sockaddr,
 )
 
-__all__ = ["Connection", "connect", "connect_start", "ping"]
+__all__ = ["CancelRequest", "Connection", "connect", "connect_start", "ping"]
 
 WAIT_READ = getattr(select, "POLLIN", 1)
 WAIT_WRITE = getattr(select, "POLLOUT", 4)
@@ -84,13 +92,61 @@ class _Transport(Deadlines):
         # epoll, and no selector bookkeeping in Python.
         self._poller = select.poll() if hasattr(select, "poll") else None
         self._registered: tuple[int, int] | None = None
+        #: Notices and notifications seen while nobody collected the events.
+        self.asynchronous: list[Event] = []
+        # Another thread's close() (see Connection.close): ``lock`` guards
+        # ``waiting`` (the events a wait is polling for, 0 when none) and
+        # ``interrupted`` (close() asked this thread to stop).
+        self.lock = threading.Lock()
+        self.waiting = 0
+        self.interrupted = False
 
-    def wait(self, events: int) -> bool:
+    def wait(self, events: int, deadline: float | None = None, *, own: bool = False) -> bool:
         """Wait until the socket is ready for *events* (``WAIT_READ`` or
-        ``WAIT_WRITE``); False when the deadline passed."""
-        when = self.deadline
+        ``WAIT_WRITE``); False when the deadline passed (``self.deadline``,
+        or *deadline* with *own*).  Raises ConnectionClosed when another
+        thread closed the connection."""
+        when = deadline if own else self.deadline
         timeout = None if when is None else max(0.0, when - time.monotonic())
-        return self._poll(events, timeout)
+        with self.lock:
+            if self.interrupted:
+                raise _closed_while_waiting()
+            self.waiting = events
+        try:
+            ready = self._poll(events, timeout)
+        finally:
+            with self.lock:
+                self.waiting = 0
+        if self.interrupted:
+            raise _closed_while_waiting()
+        return ready
+
+    def interrupt(self) -> None:
+        """(With ``lock`` held, from another thread.)  Make the thread using
+        the connection stop at its next wait, waking it if it waits now: a
+        reader keeps the write side, to send Terminate as it closes."""
+        self.interrupted = True
+        if self.waiting and self.sock is not None:
+            how = socket.SHUT_RD if self.waiting == WAIT_READ else socket.SHUT_RDWR
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(how)
+
+    def receive_idle(self, deadline: float | None) -> bytes | None:
+        """What the server sent on an idle connection, waiting for it until
+        *deadline*: None if nothing came."""
+        sock = self.sock
+        if sock is None:
+            raise _closed_while_waiting()
+        for attempt in range(2):
+            try:
+                return sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                pass
+            except OSError:
+                return b""
+            if attempt or not self.wait(WAIT_READ, deadline, own=True):
+                return None
+        return None  # pragma: no cover - the loop returns
 
     def ready(self, events: int) -> bool:
         """Is the socket ready for *events* now?  Never waits."""
@@ -178,9 +234,12 @@ def _advance(
             while (event := machine.next_event()) is not NEED_DATA:
                 if trace is not None:
                     trace(event)
-                if type(event) not in _COMMANDS:
+                kind = type(event)
+                if kind not in _COMMANDS:
                     if events is not None:
                         events.append(event)
+                    elif kind in _ASYNCHRONOUS:
+                        io.asynchronous.append(event)
                 elif isinstance(event, OpenConnection):
                     _open(machine, io, event)
                 elif isinstance(event, CloseConnection):
@@ -330,27 +389,21 @@ def _connected(machine: ConnectionStateMachine, io: _Transport) -> None:
 
 
 _COMMANDS = frozenset((OpenConnection, CloseConnection, ResolveHost, StartTimer))
+_ASYNCHRONOUS: Final = frozenset((NoticeResponse, NotificationResponse))
+_closed_while_waiting = closed_while_waiting
 _IN_PROGRESS = frozenset((errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR))
 
 
-class Connection(ConnectionBase):
-    """A connection (blocking), established or -- from :func:`connect_start`
-    -- being established with :meth:`connect_poll`."""
+class _Poller:
+    """``PQconnectPoll`` over one machine and its transport: what a
+    Connection and a CancelRequest share."""
 
-    def __init__(
-        self,
-        machine: ConnectionStateMachine,
-        io: _Transport,
-        trace: Tracer | None,
-    ) -> None:
-        super().__init__(machine)
-        self._io = io
-        self._trace = trace
-        self._error: Error | None = None
-        # What the last connect_poll() returned (None: not called yet).
-        self._polled: PollingStatus | None = None
-
-    # -- PQconnectPoll ------------------------------------------------------
+    _machine: ConnectionStateMachine
+    _io: _Transport
+    _trace: Tracer | None
+    _error: Error | None
+    _polled: PollingStatus | None  # what the last poll returned (None: not yet)
+    _closed: bool
 
     @property
     def status(self) -> ConnStatus:
@@ -359,39 +412,29 @@ class Connection(ConnectionBase):
 
     @property
     def error(self) -> Error | None:
-        """Why :meth:`connect_poll` said FAILED (a :class:`pgproto.ConnectError`
-        listing the attempts), else None."""
+        """Why polling said FAILED (a :class:`pgproto.ConnectError` listing
+        the attempts), else None."""
         return self._error
 
-    def connect_poll(self) -> PollingStatus:
-        """libpq's ``PQconnectPoll``; never blocks.
-
-        Does everything that can be done now and says what to wait for:
-        READING -- until :meth:`fileno` is readable, WRITING -- until it is
-        writable (or, either way, until :meth:`timeout` runs out), then call
-        again; OK -- connected; FAILED -- see :attr:`error`.  The descriptor
-        may be a new one after any call.  Spurious calls are harmless.
-        """
-        return self._drive(False)
-
-    def reset_poll(self) -> PollingStatus:
-        """libpq's ``PQresetPoll``: :meth:`connect_poll` after :meth:`reset_start`."""
-        return self._drive(False)
+    def fileno(self) -> int:
+        """The socket's descriptor (-1 without one).  While connecting it
+        changes when another address or host is tried, and a new socket may
+        reuse the number of the one just closed."""
+        return self._io.sock.fileno() if self._io.sock is not None else -1
 
     def timeout(self) -> float | None:
         """Seconds left before the current attempt's ``connect_timeout``
         deadline or the overall ``timeout=`` (whichever comes first; 0.0 once
-        it passed), None without one.  The next :meth:`connect_poll` after it
-        moves on to the next address or host (or, for the overall deadline,
-        fails)."""
+        it passed), None without one.  The next poll after it moves on to
+        the next address or host (or, for the overall deadline, fails)."""
         deadline = self._io.deadline
         if deadline is None or self._closed or self._machine.status in _SETTLED:
             return None
         return max(0.0, deadline - time.monotonic())
 
     def _drive(self, block: bool) -> PollingStatus:
-        """One :meth:`connect_poll`, or with *block* the poll(2) loop around
-        it until OK or FAILED."""
+        """One poll, or with *block* the poll(2) loop around it until OK or
+        FAILED."""
         if self._closed:
             return _FAILED
         machine, io, trace = self._machine, self._io, self._trace
@@ -414,7 +457,7 @@ class Connection(ConnectionBase):
             self._error = exc
             status = _FAILED
         except BaseException:
-            self.close()
+            self._abandon()
             raise
         assert status is not None
         if status is _OK:
@@ -425,12 +468,137 @@ class Connection(ConnectionBase):
         return status
 
     def _establish(self) -> None:
-        """Wait (blocking) until :meth:`connect_poll` says OK; raise the error
-        if it says FAILED."""
+        """Wait (blocking) until polling says OK; raise the error if it says
+        FAILED."""
         if self._drive(True) is _FAILED:
             if self._error is not None:
                 raise self._error
-            raise LocalProtocolError("the connection is closed")
+            raise ConnectionClosed("the connection is closed")
+
+    def _abandon(self) -> None:
+        raise NotImplementedError
+
+
+class CancelRequest(_Poller):
+    """A cancel request for the query running on a connection (libpq 17's
+    ``PGcancelConn``, from :meth:`Connection.cancel_request`): sent over a
+    new connection to the same address, encrypted as the connection's
+    settings say, within ``connect_timeout``.
+
+    :meth:`blocking` sends it and waits (``PQcancelBlocking``);
+    :meth:`start` and :meth:`poll` do it without blocking
+    (``PQcancelStart``/``PQcancelPoll``), waiting on :meth:`fileno` as
+    :meth:`Connection.connect_poll` does.  OK means the server took the
+    request -- not that a query was running, or was cancelled.
+    """
+
+    def __init__(self, machine: CancelStateMachine, trace: Tracer | None) -> None:
+        self._machine = machine
+        self._io = _Transport()
+        self._trace = trace
+        self._error = None
+        self._polled = None
+        self._closed = False
+        self._started = False
+
+    def start(self, *, timeout: float | None = None) -> bool:
+        """``PQcancelStart``: begin sending without waiting; False if that
+        failed at once (see :attr:`error`).  *timeout*: an overall deadline
+        in seconds, on top of ``connect_timeout``."""
+        if self._started:
+            raise LocalProtocolError("cancel request is already being sent on this connection")
+        self._started = True
+        seconds = overall_timeout(timeout)
+        if seconds is not None:
+            self._io.set_overall(time.monotonic() + seconds)
+        return self._drive(False) is not _FAILED
+
+    def poll(self) -> PollingStatus:
+        """``PQcancelPoll``: READING / WRITING (wait on :meth:`fileno`, at
+        most :meth:`timeout` seconds, then call again), OK, or FAILED."""
+        return self._drive(False)
+
+    def blocking(self, *, timeout: float | None = None) -> None:
+        """``PQcancelBlocking``: send the request and wait until the server
+        took it; raises :class:`pgproto.ConnectError` if it could not."""
+        if not self._started:
+            self.start(timeout=timeout)
+        self._establish()
+
+    def reset(self) -> None:
+        """``PQcancelReset``: forget this try, to :meth:`start` again."""
+        self._abandon()
+        self._machine.reset()
+        self._io = _Transport()
+        self._error = None
+        self._polled = None
+        self._closed = False
+        self._started = False
+
+    def close(self) -> None:
+        """``PQcancelFinish``: abandon the request, close its socket."""
+        self._abandon()
+
+    def _abandon(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._machine.close()
+            self._io.drop()
+
+    def __enter__(self) -> CancelRequest:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class Connection(_Poller, ConnectionBase):
+    """A connection (blocking), established or -- from :func:`connect_start`
+    -- being established with :meth:`connect_poll`.
+
+    One thread uses a connection at a time; :meth:`close` and
+    :meth:`cancel` may be called from any thread (close() wakes a thread
+    waiting on the connection, which raises :class:`pgproto.ConnectionClosed`).
+    """
+
+    def __init__(
+        self,
+        machine: ConnectionStateMachine,
+        io: _Transport,
+        trace: Tracer | None,
+        notice_handler: NoticeHandler | None = None,
+    ) -> None:
+        super().__init__(machine, notice_handler)
+        self._io = io
+        self._trace = trace
+        self._error = None
+        self._polled = None
+        self._busy = False  # a thread is using the connection (see close())
+
+    # -- PQconnectPoll ------------------------------------------------------
+
+    def connect_poll(self) -> PollingStatus:
+        """libpq's ``PQconnectPoll``; never blocks.
+
+        Does everything that can be done now and says what to wait for:
+        READING -- until :meth:`fileno` is readable, WRITING -- until it is
+        writable (or, either way, until :meth:`timeout` runs out), then call
+        again; OK -- connected; FAILED -- see :attr:`error`.  The descriptor
+        may be a new one after any call.  Spurious calls are harmless.
+        """
+        status = self._drive(False)
+        self._take_asynchronous()
+        return status
+
+    def reset_poll(self) -> PollingStatus:
+        """libpq's ``PQresetPoll``: :meth:`connect_poll` after :meth:`reset_start`."""
+        return self.connect_poll()
+
+    def _take_asynchronous(self) -> None:
+        io = self._io
+        if io.asynchronous:
+            events, io.asynchronous = io.asynchronous, []
+            self._dispatch(events)
 
     # -- PQreset ------------------------------------------------------------
 
@@ -446,15 +614,32 @@ class Connection(ConnectionBase):
         self._closed = False
         self._error = None
         self._polled = None
-        return self._drive(False) is not _FAILED
+        return self.connect_poll() is not _FAILED
 
     def reset(self) -> None:
         """libpq's ``PQreset``: close the connection and connect again with the
         same parameters; raises :class:`pgproto.ConnectError`."""
         self.reset_start()
         self._establish()
+        self._take_asynchronous()
 
     # -- an established connection ------------------------------------------
+
+    def _enter(self) -> None:
+        """A thread starts using the connection."""
+        with self._io.lock:
+            self._check_open()
+            self._busy = True
+
+    def _leave(self) -> None:
+        """The thread is done with it; a close() that came meanwhile is
+        finished here."""
+        io = self._io
+        with io.lock:
+            self._busy = False
+            deferred = io.interrupted
+        if deferred:
+            io.close(farewell(self._machine))
 
     def simple_query(self, sql: str) -> list[QueryResult]:
         """Run *sql* with the simple query protocol; raises ServerError on error."""
@@ -463,34 +648,111 @@ class Connection(ConnectionBase):
             raise LocalProtocolError(
                 f"the connection is not established (status {machine.status.name})"
             )
-        collector = self._begin_query(sql)
-        io, trace = self._io, self._trace
-        events: list[Event] = []
+        self._enter()
         try:
-            status = _advance(machine, io, trace, events, None, False, True)
-            while status is _READING or status is _WRITING:
-                status = _advance(machine, io, trace, events, status, False, True)
-        except BaseException:
-            self.close()
-            raise
+            collector = self._begin_query(sql)
+            io, trace = self._io, self._trace
+            events: list[Event] = []
+            try:
+                status = _advance(machine, io, trace, events, None, False, True)
+                while status is _READING or status is _WRITING:
+                    status = _advance(machine, io, trace, events, status, False, True)
+            except ConnectionClosed:
+                raise
+            except BaseException:
+                self._abandon()
+                raise
+        finally:
+            self._leave()
+        self._dispatch(events)
         for event in events:
-            self._note(event)
             collector.feed(event)
         return collector.outcome()
 
-    def fileno(self) -> int:
-        """The socket's descriptor (-1 without one).  While connecting it
-        changes when another address or host is tried, and a new socket may
-        reuse the number of the one just closed."""
-        return self._io.sock.fileno() if self._io.sock is not None else -1
+    def notifies(
+        self, *, timeout: float | None = None, stop_after: int | None = None
+    ) -> Iterator[NotificationResponse]:
+        """LISTEN/NOTIFY notifications, in the order the server sent them
+        (``pid``, ``channel``, ``payload``): a generator that waits for them
+        on the idle connection.  Ends after *timeout* seconds or *stop_after*
+        notifications; else runs until the connection is closed
+        (:class:`pgproto.ConnectionClosed`).  Notifications that arrived
+        during queries come first."""
+        seconds = None if timeout is None else overall_timeout(timeout)
+        deadline = None if seconds is None else time.monotonic() + seconds
+        count = 0
+        pending = self._pending_notifies
+        while True:
+            while pending:
+                yield pending.popleft()
+                count += 1
+                if stop_after is not None and count >= stop_after:
+                    return
+            if deadline is not None and time.monotonic() >= deadline:
+                self._check_open()
+                return
+            self._enter()
+            try:
+                data = self._io.receive_idle(deadline)
+                if data is not None:
+                    self._absorb(data)
+            finally:
+                self._leave()
+
+    def _absorb(self, data: bytes) -> None:
+        """Bytes that arrived on an idle connection: deliver what they carry;
+        if they end the connection, close it and raise why."""
+        machine, io = self._machine, self._io
+        machine.receive_data(data)
+        events, close, error = collect_idle(machine)
+        if close is not None:
+            self._closed = True
+            io.finish(close)
+        self._dispatch(events)
+        if error is not None:
+            self._closed = True
+            io.drop()
+            raise idle_error(events, error)
+
+    def cancel_request(self) -> CancelRequest:
+        """libpq 17's ``PQcancelCreate``: a :class:`CancelRequest` for the
+        query running on this connection (raises
+        :class:`pgproto.LocalProtocolError` when there is nothing to cancel
+        on: closed, or no cancellation key received)."""
+        return CancelRequest(self._cancel_machine(), self._trace)
+
+    def cancel(self, *, timeout: float | None = None) -> None:
+        """Ask the server to cancel the query running on this connection --
+        from another thread, typically (``PQcancelBlocking``).  A
+        CancelRequest over a new connection to the same address, encrypted
+        as this connection's settings say, within ``connect_timeout`` and
+        *timeout* (seconds).  Raises :class:`pgproto.ConnectError` if it
+        could not be delivered."""
+        with self.cancel_request() as request:
+            request.blocking(timeout=timeout)
 
     def close(self) -> None:
-        """Send Terminate (if healthy) and close the socket, also in the middle
-        of connecting.  Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        self._io.close(farewell(self._machine))
+        """Send Terminate (if healthy; inside TLS, followed by close_notify)
+        and close the socket, also in the middle of connecting.  Idempotent.
+        From another thread while the connection is in use, the thread
+        using it is woken and finishes the close, raising
+        :class:`pgproto.ConnectionClosed`."""
+        io = self._io
+        with io.lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._busy:
+                io.interrupt()
+                return
+        io.close(farewell(self._machine))
+
+    def _abandon(self) -> None:
+        """Close at once, sending nothing (the stream may be mid-message)."""
+        with self._io.lock:
+            self._closed = True
+        farewell(self._machine)
+        self._io.drop()
 
     def __enter__(self) -> Connection:
         return self
@@ -510,6 +772,7 @@ def connect_start(
     trace: Tracer | None = None,
     random_bytes: Callable[[int], bytes] | None = None,
     key_passphrase_hook: Callable[[str], str] | None = None,
+    notice_handler: NoticeHandler | None = None,
     timeout: float | None = None,
     **kwargs: Any,
 ) -> Connection:
@@ -522,8 +785,10 @@ def connect_start(
     in a helper thread and the call waits at most until the deadline.
     *timeout*: an overall deadline in seconds on top of ``connect_timeout``.
     """
-    conn = _new(conninfo, kwargs, env, trace, random_bytes, key_passphrase_hook, timeout)
-    conn._drive(False)
+    conn = _new(
+        conninfo, kwargs, env, trace, random_bytes, key_passphrase_hook, timeout, notice_handler
+    )
+    conn.connect_poll()
     return conn
 
 
@@ -535,17 +800,22 @@ def connect(
     trace: Tracer | None = None,
     random_bytes: Callable[[int], bytes] | None = None,
     key_passphrase_hook: Callable[[str], str] | None = None,
+    notice_handler: NoticeHandler | None = None,
     timeout: float | None = None,
     **kwargs: Any,
 ) -> Connection:
     """Connect as libpq's PQconnectdbParams does; raises :class:`pgproto.ConnectError`.
 
     *timeout* (seconds) is an optional overall deadline on top of the
-    per-address ``connect_timeout``.
+    per-address ``connect_timeout``.  *notice_handler* gets every
+    NoticeResponse (default: the ``pgproto.notice`` logger).
     """
     # connect_start() and the wait loop, in one go.
-    conn = _new(conninfo, kwargs, env, trace, random_bytes, key_passphrase_hook, timeout)
+    conn = _new(
+        conninfo, kwargs, env, trace, random_bytes, key_passphrase_hook, timeout, notice_handler
+    )
     conn._establish()
+    conn._take_asynchronous()
     return conn
 
 
@@ -557,6 +827,7 @@ def _new(
     random_bytes: Callable[[int], bytes] | None,
     key_passphrase_hook: Callable[[str], str] | None,
     timeout: float | None,
+    notice_handler: NoticeHandler | None = None,
 ) -> Connection:
     """A Connection that has not started: parameters resolved, deadline set."""
     overall = overall_timeout(timeout)
@@ -570,7 +841,7 @@ def _new(
     io = _Transport()
     if overall is not None:
         io.set_overall(time.monotonic() + overall)
-    return Connection(machine, io, trace)
+    return Connection(machine, io, trace, notice_handler)
 
 
 def ping(

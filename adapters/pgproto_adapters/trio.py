@@ -1,15 +1,17 @@
 """Connections for :mod:`trio`, over plain non-blocking sockets.
 
-The pump reads and writes the socket directly and awaits trio's
+The transport reads and writes the socket directly and awaits trio's
 ``wait_readable``/``wait_writable`` only when the kernel says EAGAIN (trio's
 socket wrapper would pass through the scheduler on every call, even one
 that completes at once); a connect always waits for the server at least
-once, so it is a checkpoint, and it checks for cancellation on entry.  Deadlines (the per-address
-``connect_timeout`` and the caller's overall ``timeout=``) are one cancel
-scope around the whole connection attempt, whose deadline moves when the
-machine starts a timer; when it fires, the machine is told which deadline
-passed and pumping resumes.  Without either deadline there is no scope at
-all.  A cancelled connect leaves no socket open.
+once, so it is a checkpoint, and it checks for cancellation on entry.
+Deadlines (the per-address ``connect_timeout`` and the caller's overall
+``timeout=``) are one cancel scope around the whole connection attempt,
+whose deadline moves when the machine starts a timer; when it fires, the
+machine is told which deadline passed and pumping resumes.  Without either
+deadline there is no scope at all.  A cancelled connect leaves no socket
+open; closing a connection wakes every task waiting on it
+(``trio.lowlevel.notify_closing``).
 """
 
 from __future__ import annotations
@@ -18,28 +20,23 @@ import contextlib
 import errno
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
 import trio
 
-from pgproto import Environment, Ping, PollingStatus
-from pgproto._events import (
-    NEED_DATA,
-    CloseConnection,
-    Event,
-    OpenConnection,
-    ResolveHost,
-    StartTimer,
-)
+from pgproto import Environment, Ping
 from pgproto._machine import ConnectionStateMachine
 
 from ._common import (
     RECV_SIZE,
     AsyncConnectionBase,
+    AsyncTransport,
     Deadlines,
+    NoticeHandler,
     Tracer,
-    made,
+    async_pump,
+    closed_while_waiting,
     make_machine,
     open_socket,
     overall_timeout,
@@ -51,9 +48,6 @@ from ._common import (
 
 __all__ = ["Connection", "connect", "ping"]
 
-_OK: Final = PollingStatus.OK
-_WRITING: Final = PollingStatus.WRITING
-_COMMANDS: Final = frozenset((OpenConnection, CloseConnection, ResolveHost, StartTimer))
 _FOREVER: Final = float("inf")
 _IN_PROGRESS: Final = frozenset((errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR))
 
@@ -61,133 +55,147 @@ wait_readable = trio.lowlevel.wait_readable
 wait_writable = trio.lowlevel.wait_writable
 
 
-class _Transport(Deadlines):
+class _Transport(AsyncTransport):
     """The current socket, the deadlines (trio's clock), and the cancel
-    scope that enforces them while connecting."""
+    scopes that enforce them while connecting and that cut an idle read short."""
 
-    __slots__ = ("scope", "sock")
+    __slots__ = ("idle", "scope", "sock")
 
     def __init__(self) -> None:
         # A plain non-blocking socket: it is read and written directly, and
-        # trio is asked to wait only when the kernel says EAGAIN (trio's
-        # socket wrapper would yield to the scheduler on every call).
+        # trio is asked to wait only when the kernel says EAGAIN.
         self.sock: socket.socket | None = None
         self.scope: trio.CancelScope | None = None
+        self.idle: trio.CancelScope | None = None
         super().__init__()
 
     def moved(self) -> None:
         if self.scope is not None:
             self.scope.deadline = _FOREVER if self.deadline is None else self.deadline
 
-    def drop(self) -> None:
-        if self.sock is not None:
-            trio.lowlevel.notify_closing(self.sock)
-            self.sock.close()
-            self.sock = None
+    def now(self) -> float:
+        return trio.current_time()
 
-    def finish(self, data: bytes) -> None:
+    async def open(self, command: Any) -> socket.socket:
+        sock = self.sock = open_socket(command)
+        try:
+            error = sock.connect_ex(sockaddr(command.address))
+            if error in _IN_PROGRESS:
+                await _wait(wait_writable, sock)
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError as exc:
+            error = exc.errno or errno.EIO
+        if error:
+            self._close()
+            raise OSError(error, os.strerror(error))
+        return sock
+
+    async def send(self, data: bytes) -> None:
+        sock = self._socket()
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[sock.send(view) :]
+            except BlockingIOError:
+                await _wait(wait_writable, sock)
+
+    async def receive(self) -> bytes:
+        sock = self._socket()
+        while True:
+            try:
+                return sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                await _wait(wait_readable, sock)
+
+    async def receive_idle(self, deadline: float | None) -> bytes | None:
+        sock = self._socket()
+        try:
+            return sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            pass
+        except OSError:
+            return b""
+        with trio.CancelScope(deadline=_FOREVER if deadline is None else deadline) as scope:
+            self.idle = scope
+            try:
+                await _wait(wait_readable, sock)
+            finally:
+                self.idle = None
+        if scope.cancelled_caught:
+            return None
+        try:
+            return sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""
+
+    def preempt(self) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
+
+    async def resolve(self, host: str, port: int) -> list[str]:
+        # A deadline abandons the resolver thread (its answer is ignored).
+        infos = await trio.socket.getaddrinfo(resolver_host(host), port, type=socket.SOCK_STREAM)
+        return stream_addresses(infos)
+
+    async def finish(self, data: bytes) -> None:
         """Best-effort send of a final message without waiting (the socket is
         about to close; Terminate is a courtesy), then close."""
         if data and self.sock is not None:
             with contextlib.suppress(OSError):
                 self.sock.send(data)
-        self.drop()
+        self._close()
+
+    async def drop(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.sock is not None:
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
+            self.sock = None
+
+    def _socket(self) -> socket.socket:
+        if self.sock is None:
+            raise closed_while_waiting()
+        return self.sock
+
+    @contextlib.asynccontextmanager
+    async def shielded(self, seconds: float) -> AsyncIterator[None]:
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + seconds):
+            yield
+
+    @property
+    def cancellation(self) -> type[BaseException]:
+        return trio.Cancelled
+
+
+async def _wait(wait: Callable[[socket.socket], Any], sock: socket.socket) -> None:
+    try:
+        await wait(sock)
+    except trio.ClosedResourceError:
+        raise closed_while_waiting() from None
 
 
 async def _establish(machine: ConnectionStateMachine, io: _Transport, trace: Tracer | None) -> None:
-    """Pump *machine* until it is connected (or raises), under the deadlines."""
+    """Pump *machine* until it is connected (or raises), under the deadlines;
+    then clear them."""
     if not Deadlines.needed(machine, io.overall):
-        await _pump(machine, io, trace, until_idle=False)
+        await async_pump(machine, io, trace, False)
         return
     while True:
         deadline = _FOREVER if io.deadline is None else io.deadline
         with trio.CancelScope(deadline=deadline) as scope:
             io.scope = scope
             try:
-                await _pump(machine, io, trace, until_idle=False)
+                await async_pump(machine, io, trace, False)
             finally:
                 io.scope = None
+            io.clear()
             return
-        io.drop()  # a connect() cut short: the machine has no transport to close
+        io._close()  # a connect() cut short: the machine has no transport to close
         io.expired(machine)
-
-
-async def _pump(
-    machine: ConnectionStateMachine, io: _Transport, trace: Tracer | None, until_idle: bool
-) -> list[Event]:
-    """Drive *machine* until it is OK (or idle again after a query); the
-    reports it produced when *until_idle*."""
-    events: list[Event] = []
-    while True:
-        event = machine.next_event()
-        if event is NEED_DATA:
-            status = machine.poll()
-            if status is _OK:
-                return events
-            sock = io.sock
-            assert sock is not None
-            if status is _WRITING:
-                data = memoryview(machine.data_to_send())
-                try:
-                    while data:
-                        try:
-                            data = data[sock.send(data) :]
-                        except BlockingIOError:
-                            await wait_writable(sock)
-                except OSError:
-                    # As libpq does: drop the output and read on, so that an
-                    # error the server sent before closing is what gets reported.
-                    pass
-                continue
-            while True:
-                try:
-                    received = sock.recv(RECV_SIZE)
-                except BlockingIOError:
-                    await wait_readable(sock)
-                    continue
-                except OSError:
-                    received = b""  # ECONNRESET and the like: end of file
-                break
-            machine.receive_data(received)
-            continue
-        if trace is not None:
-            trace(event)
-        if type(event) not in _COMMANDS:
-            if until_idle:
-                events.append(event)
-        elif isinstance(event, OpenConnection):
-            try:
-                sock = open_socket(event)
-            except OSError as exc:
-                machine.connection_failed(exc)
-                continue
-            io.sock = sock
-            try:
-                error = sock.connect_ex(sockaddr(event.address))
-                if error in _IN_PROGRESS:
-                    await wait_writable(sock)
-                    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            except OSError as exc:
-                error = exc.errno or errno.EIO
-            if error:
-                io.drop()
-                machine.connection_failed(OSError(error, os.strerror(error)))
-                continue
-            made(machine, event, sock)
-        elif isinstance(event, CloseConnection):
-            io.finish(event.data)
-        elif isinstance(event, ResolveHost):
-            # A deadline abandons the resolver thread (its answer is ignored).
-            try:
-                infos = await trio.socket.getaddrinfo(
-                    resolver_host(event.host), event.port, type=socket.SOCK_STREAM
-                )
-            except socket.gaierror as exc:
-                machine.resolve_failed(exc.strerror or str(exc))
-            else:
-                machine.addresses_resolved(stream_addresses(infos))
-        elif isinstance(event, StartTimer):
-            io.start_timer(trio.current_time() + event.seconds)
 
 
 class Connection(AsyncConnectionBase):
@@ -195,11 +203,16 @@ class Connection(AsyncConnectionBase):
 
     _io: _Transport
 
-    async def _run_query(self) -> list[Event]:
-        return await _pump(self._machine, self._io, self._trace, until_idle=True)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._lock = trio.Lock()
 
-    async def _establish(self) -> None:
-        await _establish(self._machine, self._io, self._trace)
+    def _new_transport(self) -> _Transport:
+        return _Transport()
+
+    async def _establish_on(self, machine: ConnectionStateMachine, io: AsyncTransport) -> None:
+        assert isinstance(io, _Transport)
+        await _establish(machine, io, self._trace)
 
 
 async def connect(
@@ -210,6 +223,7 @@ async def connect(
     trace: Tracer | None = None,
     random_bytes: Callable[[int], bytes] | None = None,
     key_passphrase_hook: Callable[[str], str] | None = None,
+    notice_handler: NoticeHandler | None = None,
     timeout: float | None = None,
     **kwargs: Any,
 ) -> Connection:
@@ -218,7 +232,8 @@ async def connect(
     *timeout* (seconds) bounds the whole attempt, name resolution included,
     on top of the per-address ``connect_timeout``: when it passes, the
     current attempt fails with "timeout expired (overall deadline)" and no
-    other host is tried.
+    other host is tried.  *notice_handler* gets every NoticeResponse
+    (default: the ``pgproto.notice`` logger).
     """
     seconds = overall_timeout(timeout)
     await trio.lowlevel.checkpoint_if_cancelled()
@@ -233,13 +248,9 @@ async def connect(
     io = _Transport()
     if seconds is not None:
         io.set_overall(start + seconds)
-    try:
-        await _establish(machine, io, trace)
-    except BaseException:
-        io.drop()
-        raise
-    io.clear()
-    return Connection(machine, io, trace)
+    conn = Connection(machine, io, trace, notice_handler)
+    await conn._connect()
+    return conn
 
 
 async def ping(

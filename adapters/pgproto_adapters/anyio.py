@@ -1,0 +1,281 @@
+"""Connections for :mod:`anyio`, on either of its backends (asyncio, trio),
+over anyio's byte streams.
+
+The socket is made and connected as in the other adapters (the same
+options, the same errors), awaiting ``anyio.wait_writable`` while the
+kernel connects it; then anyio wraps it in its byte stream
+(``SocketStream.from_socket``), and everything after -- the handshake,
+queries, notifications -- is ``send``/``receive`` on that stream.  TLS stays
+in the core: the stream carries what the machine encrypted.
+
+Deadlines (the per-address ``connect_timeout`` and the caller's overall
+``timeout=``) are one cancel scope around the whole connection attempt,
+whose deadline moves when the machine starts a timer.  A cancelled connect
+leaves no socket open: the stream is closed forcefully and the socket with
+it, before the cancellation goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Final
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+
+from pgproto import Environment, Ping
+from pgproto._machine import ConnectionStateMachine
+
+from ._common import (
+    RECV_SIZE,
+    AsyncConnectionBase,
+    AsyncTransport,
+    Deadlines,
+    NoticeHandler,
+    Tracer,
+    async_pump,
+    closed_while_waiting,
+    make_machine,
+    open_socket,
+    overall_timeout,
+    ping_via,
+    resolver_host,
+    sockaddr,
+    stream_addresses,
+)
+
+__all__ = ["Connection", "connect", "ping"]
+
+_FOREVER: Final = float("inf")
+_IN_PROGRESS: Final = frozenset((errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR))
+#: How long a closing connection may wait to hand Terminate to the stream.
+_FAREWELL_SECONDS: Final = 1.0
+
+
+class _Transport(AsyncTransport):
+    """The current socket and its byte stream, the deadlines (anyio's clock),
+    and the cancel scopes that enforce them and cut an idle read short."""
+
+    __slots__ = ("idle", "raw", "scope", "stream")
+
+    def __init__(self) -> None:
+        self.raw: socket.socket | None = None
+        self.stream: anyio.abc.SocketStream | anyio.abc.UNIXSocketStream | None = None
+        self.scope: anyio.CancelScope | None = None
+        self.idle: anyio.CancelScope | None = None
+        super().__init__()
+
+    def moved(self) -> None:
+        if self.scope is not None:
+            self.scope.deadline = _FOREVER if self.deadline is None else self.deadline
+
+    def now(self) -> float:
+        return anyio.current_time()
+
+    async def open(self, command: Any) -> socket.socket:
+        sock = self.raw = open_socket(command)
+        try:
+            error = sock.connect_ex(sockaddr(command.address))
+            if error in _IN_PROGRESS:
+                try:
+                    await anyio.wait_writable(sock)
+                except anyio.ClosedResourceError:
+                    raise closed_while_waiting() from None
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError as exc:
+            error = exc.errno or errno.EIO
+        if error:
+            await self.drop()
+            raise OSError(error, os.strerror(error))
+        try:
+            if command.address.kind == "unix":
+                self.stream = await anyio.abc.UNIXSocketStream.from_socket(sock)
+            else:
+                self.stream = await anyio.abc.SocketStream.from_socket(sock)
+        except BaseException:
+            await self.drop()
+            raise
+        return sock
+
+    def _stream(self) -> anyio.abc.SocketStream | anyio.abc.UNIXSocketStream:
+        if self.stream is None:
+            raise closed_while_waiting()
+        return self.stream
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self._stream().send(data)
+        except anyio.ClosedResourceError:
+            raise closed_while_waiting() from None
+        except anyio.BrokenResourceError as exc:
+            raise OSError(errno.EPIPE, "the stream is broken") from exc
+
+    async def receive(self) -> bytes:
+        try:
+            return await self._stream().receive(RECV_SIZE)
+        except anyio.EndOfStream:
+            return b""
+        except anyio.BrokenResourceError:
+            return b""  # ECONNRESET and the like: end of file
+        except anyio.ClosedResourceError:
+            raise closed_while_waiting() from None
+
+    async def receive_idle(self, deadline: float | None) -> bytes | None:
+        data = None
+        with anyio.CancelScope(deadline=_FOREVER if deadline is None else deadline) as scope:
+            self.idle = scope
+            try:
+                data = await self.receive()
+            finally:
+                self.idle = None
+        return data
+
+    def preempt(self) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
+
+    async def resolve(self, host: str, port: int) -> list[str]:
+        name = resolver_host(host)
+        try:
+            infos = socket.getaddrinfo(
+                name, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+            )
+        except socket.gaierror:
+            # A deadline abandons the resolver thread (its answer is ignored).
+            infos = await anyio.to_thread.run_sync(
+                lambda: socket.getaddrinfo(name, port, type=socket.SOCK_STREAM),
+                abandon_on_cancel=True,
+            )
+        return stream_addresses(infos)
+
+    async def finish(self, data: bytes) -> None:
+        stream = self.stream
+        if data and stream is not None:
+            with (
+                anyio.CancelScope(shield=True),
+                anyio.move_on_after(_FAREWELL_SECONDS),
+                contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError),
+            ):
+                await stream.send(data)
+        await self.drop()
+
+    async def drop(self) -> None:
+        stream, raw = self.stream, self.raw
+        self.stream = self.raw = None
+        if stream is not None:
+            await anyio.aclose_forcefully(stream)
+        if raw is not None:
+            # Without a stream yet (connecting): wake a wait_writable.  With
+            # one, the stream closed it already, or will at the loop's next
+            # turn (asyncio's transport): closing it here makes it at once.
+            if stream is None:
+                anyio.notify_closing(raw)
+            raw.close()
+
+    @contextlib.asynccontextmanager
+    async def shielded(self, seconds: float) -> AsyncIterator[None]:
+        with anyio.CancelScope(shield=True, deadline=anyio.current_time() + seconds):
+            yield
+
+    @property
+    def cancellation(self) -> type[BaseException]:
+        return anyio.get_cancelled_exc_class()
+
+
+async def _establish(machine: ConnectionStateMachine, io: _Transport, trace: Tracer | None) -> None:
+    """Pump *machine* until it is connected (or raises), under the deadlines;
+    then clear them."""
+    if not Deadlines.needed(machine, io.overall):
+        await async_pump(machine, io, trace, False)
+        return
+    while True:
+        deadline = _FOREVER if io.deadline is None else io.deadline
+        with anyio.CancelScope(deadline=deadline) as scope:
+            io.scope = scope
+            try:
+                await async_pump(machine, io, trace, False)
+            finally:
+                io.scope = None
+            io.clear()
+            return
+        await io.drop()  # a connect cut short: the machine has no transport to close
+        io.expired(machine)
+
+
+class Connection(AsyncConnectionBase):
+    """An established connection (anyio)."""
+
+    _io: _Transport
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._lock = anyio.Lock()
+
+    def _new_transport(self) -> _Transport:
+        return _Transport()
+
+    async def _establish_on(self, machine: ConnectionStateMachine, io: AsyncTransport) -> None:
+        assert isinstance(io, _Transport)
+        await _establish(machine, io, self._trace)
+
+
+async def connect(
+    conninfo: str = "",
+    /,
+    *,
+    env: Environment | None = None,
+    trace: Tracer | None = None,
+    random_bytes: Callable[[int], bytes] | None = None,
+    key_passphrase_hook: Callable[[str], str] | None = None,
+    notice_handler: NoticeHandler | None = None,
+    timeout: float | None = None,
+    **kwargs: Any,
+) -> Connection:
+    """Connect as libpq's PQconnectdbParams does; raises :class:`pgproto.ConnectError`.
+
+    *timeout* (seconds) bounds the whole attempt, name resolution included,
+    on top of the per-address ``connect_timeout``: when it passes, the
+    current attempt fails with "timeout expired (overall deadline)" and no
+    other host is tried.  *notice_handler* gets every NoticeResponse
+    (default: the ``pgproto.notice`` logger).
+    """
+    seconds = overall_timeout(timeout)
+    await anyio.lowlevel.checkpoint_if_cancelled()
+    start = anyio.current_time()
+    machine = make_machine(
+        conninfo,
+        kwargs,
+        env=env,
+        random_bytes=random_bytes,
+        key_passphrase_hook=key_passphrase_hook,
+    )
+    io = _Transport()
+    if seconds is not None:
+        io.set_overall(start + seconds)
+    conn = Connection(machine, io, trace, notice_handler)
+    await conn._connect()
+    return conn
+
+
+async def ping(
+    conninfo: str = "",
+    /,
+    *,
+    env: Environment | None = None,
+    timeout: float | None = None,
+    **kwargs: Any,
+) -> Ping:
+    """libpq's ``PQpingParams``: is the server up and accepting connections?
+
+    Connects exactly as :func:`connect` does and closes the connection if it
+    was made.  Never raises for a connection failure: invalid options are
+    NO_ATTEMPT (without any network activity); otherwise the last attempt
+    that reached an address decides (:func:`pgproto.ping_outcome`) -- a
+    server that asks for a password it does not get is up (OK).
+    """
+    return await ping_via(connect, conninfo, {"env": env, "timeout": timeout, **kwargs})
