@@ -64,9 +64,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     connect.add_argument(
         "--adapter",
-        choices=("blocking", "asyncio", "trio"),
+        choices=("blocking", "asyncio", "trio", "anyio", "anyio-trio"),
         default="blocking",
-        help="the IO adapter to use (default: %(default)s)",
+        help=(
+            "the IO adapter to use; anyio runs on its asyncio backend, anyio-trio on its "
+            "trio backend (default: %(default)s)"
+        ),
     )
     ping = commands.add_parser(
         "ping",

@@ -38,16 +38,28 @@ def _connect_and_query(
             return conn, results
 
         return asyncio.run(main_asyncio())
-    import trio
+    if adapter == "trio":
+        import trio
 
-    from . import trio as pg_trio
+        from . import trio as pg_trio
 
-    async def main_trio() -> tuple[ConnectionBase, list[QueryResult]]:
-        async with await pg_trio.connect(conninfo, trace=tracer, **kwargs) as conn:
+        async def main_trio() -> tuple[ConnectionBase, list[QueryResult]]:
+            async with await pg_trio.connect(conninfo, trace=tracer, **kwargs) as conn:
+                results = await conn.simple_query(sql) if sql else []
+            return conn, results
+
+        return trio.run(main_trio)
+    # anyio (on its asyncio backend) or anyio-trio
+    import anyio
+
+    from . import anyio as pg_anyio
+
+    async def main_anyio() -> tuple[ConnectionBase, list[QueryResult]]:
+        async with await pg_anyio.connect(conninfo, trace=tracer, **kwargs) as conn:
             results = await conn.simple_query(sql) if sql else []
         return conn, results
 
-    return trio.run(main_trio)
+    return anyio.run(main_anyio, backend="trio" if adapter == "anyio-trio" else "asyncio")
 
 
 def _report(
@@ -210,6 +222,12 @@ def run_demo(*, major: int | None, out: TextIO) -> int:
                 adapters.append("trio")
             else:
                 out.write("(trio is not installed: pip install 'pgproto[trio]' to see it too)\n")
+            if importlib.util.find_spec("anyio") is not None:
+                adapters.append("anyio")
+                if "trio" in adapters:
+                    adapters.append("anyio-trio")
+            else:
+                out.write("(anyio is not installed: pip install 'pgproto[anyio]' to see it too)\n")
             for adapter in adapters:
                 for title, dsn, extra in scenarios:
                     shown = dsn if "password" not in extra else dsn + " password=********"
