@@ -86,9 +86,7 @@ class CancelStateMachine(ConnectionStateMachine):
         self._key = key
         self._cancel_host = host
         self._cancel_address = address
-        self._hosts = [host]
-        self._rng = None
-        self._target = "any"
+        self._rng = None  # nothing is shuffled: the one address is fixed
 
     @property
     def cancel_pid(self) -> int:
@@ -155,6 +153,10 @@ class CancelStateMachine(ConnectionStateMachine):
         self._transport_open = False
         self._events.append(CloseConnection())
         return True
+
+    def send_query(self, sql: str) -> None:
+        """Refused: a cancel connection carries no query."""
+        raise LocalProtocolError("a cancel request connection cannot run queries")
 
     def close(self) -> None:
         """Abandon the request (``PQcancelFinish``); never sends Terminate."""
