@@ -247,6 +247,9 @@ DEFAULT_CANCEL_GRACE: Final = 10.0
 NoticeHandler = Callable[[NoticeResponse], None]
 _ASYNCHRONOUS: Final = frozenset((NoticeResponse, NotificationResponse))
 _log = logging.getLogger("pgproto")
+# A library's loggers say nothing unless the application configures logging
+# (without this, logging's last-resort handler prints warnings on stderr).
+_log.addHandler(logging.NullHandler())
 
 
 def log_notice(notice: NoticeResponse) -> None:
@@ -394,15 +397,14 @@ def collect_idle(
     return events, close, None
 
 
-def idle_error(events: list[Event], error: Error) -> Error:
-    """What to raise when an idle connection broke: the server's own
-    ErrorResponse if it sent one before hanging up (a FATAL such as
-    "terminating connection due to administrator command"), else *error*."""
+def broken_error(events: list[Event], error: Error) -> Error:
+    """What to raise when a connection broke, given the *events* received
+    before: the server's own ErrorResponse if it sent one before hanging up
+    (a FATAL such as "terminating connection due to administrator command",
+    57P01, as libpq reports it), else *error*."""
     for event in events:
         if isinstance(event, ErrorResponse):
-            cause = event.error
-            cause.__cause__ = error
-            return cause
+            return event.error
     return error
 
 
@@ -501,15 +503,23 @@ class AsyncConnectionBase(ConnectionBase):
             await self._lock.acquire()
         finally:
             self._wanted -= 1
+        events: list[Event] = []
         try:
             collector = self._begin_query(sql)
             try:
-                events = await async_pump(self._machine, self._io, self._trace, True)
+                await async_pump(self._machine, io, self._trace, events)
             except ConnectionClosed:
                 raise
             except io.cancellation:
                 await self._recover()
                 raise
+            except Error as exc:
+                await self._abandon()
+                self._dispatch(events)
+                error = broken_error(events, exc)
+                if error is exc:
+                    raise
+                raise error from exc
             except BaseException:
                 await self._abandon()
                 raise
@@ -536,7 +546,11 @@ class AsyncConnectionBase(ConnectionBase):
                 with contextlib.suppress(Error):
                     # Not delivered: the query may still end within the grace.
                     await self._send_cancel(CancelStateMachine(machine), io.now() + grace)
-                self._dispatch(await async_pump(machine, io, self._trace, True))
+                events: list[Event] = []
+                try:
+                    await async_pump(machine, io, self._trace, events)
+                finally:
+                    self._dispatch(events)
                 done = True
         except BaseException:
             await self._abandon()
@@ -632,7 +646,10 @@ class AsyncConnectionBase(ConnectionBase):
         if error is not None:
             self._closed = True
             await self._io.drop()
-            raise idle_error(events, error)
+            cause = broken_error(events, error)
+            if cause is error:
+                raise error
+            raise cause from error
 
     # -- closing ----------------------------------------------------------------
 
@@ -848,17 +865,20 @@ _PUMP_COMMANDS: Final = frozenset((OpenConnection, CloseConnection, ResolveHost,
 
 
 async def async_pump(
-    machine: ConnectionStateMachine, io: AsyncTransport, trace: Tracer | None, until_idle: bool
-) -> list[Event]:
+    machine: ConnectionStateMachine,
+    io: AsyncTransport,
+    trace: Tracer | None,
+    events: list[Event] | None = None,
+) -> None:
     """Drive *machine* over *io* until it is OK (connected, or idle again
-    after a query): the reports it produced when *until_idle*."""
-    events: list[Event] = []
+    after a query); the reports it produces go to *events* (when not None:
+    a query's), else notices and notifications to ``io.asynchronous``."""
     while True:
         event = machine.next_event()
         if event is NEED_DATA:
             status = machine.poll()
             if status is _OK:
-                return events
+                return
             if status is _WRITING:
                 io.sending = True
                 # On failure, as libpq does: drop the output and read on, so
@@ -877,7 +897,7 @@ async def async_pump(
             trace(event)
         kind = type(event)
         if kind not in _PUMP_COMMANDS:
-            if until_idle:
+            if events is not None:
                 events.append(event)
             elif kind in _ASYNCHRONOUS:
                 io.asynchronous.append(event)

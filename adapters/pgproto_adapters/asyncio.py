@@ -212,13 +212,13 @@ async def _establish(machine: ConnectionStateMachine, io: _Transport, trace: Tra
     """Pump *machine* until it is connected (or raises), under the deadlines;
     then clear them."""
     if not Deadlines.needed(machine, io.overall):
-        await async_pump(machine, io, trace, False)
+        await async_pump(machine, io, trace)
         return
     while True:
         scope = io.scope = asyncio.timeout_at(io.deadline)
         try:
             async with scope:
-                await async_pump(machine, io, trace, False)
+                await async_pump(machine, io, trace)
             io.scope = None
             io.clear()
             return

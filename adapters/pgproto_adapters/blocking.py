@@ -53,10 +53,10 @@ from ._common import (
     NoticeHandler,
     QueryResult,
     Tracer,
+    broken_error,
     closed_while_waiting,
     collect_idle,
     farewell,
-    idle_error,
     made,
     make_machine,
     open_socket,
@@ -659,6 +659,13 @@ class Connection(_Poller, ConnectionBase):
                     status = _advance(machine, io, trace, events, status, False, True)
             except ConnectionClosed:
                 raise
+            except Error as exc:
+                self._abandon()
+                self._dispatch(events)
+                error = broken_error(events, exc)
+                if error is exc:
+                    raise
+                raise error from exc
             except BaseException:
                 self._abandon()
                 raise
@@ -712,7 +719,10 @@ class Connection(_Poller, ConnectionBase):
         if error is not None:
             self._closed = True
             io.drop()
-            raise idle_error(events, error)
+            cause = broken_error(events, error)
+            if cause is error:
+                raise error
+            raise cause from error
 
     def cancel_request(self) -> CancelRequest:
         """libpq 17's ``PQcancelCreate``: a :class:`CancelRequest` for the

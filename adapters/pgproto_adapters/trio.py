@@ -182,14 +182,14 @@ async def _establish(machine: ConnectionStateMachine, io: _Transport, trace: Tra
     """Pump *machine* until it is connected (or raises), under the deadlines;
     then clear them."""
     if not Deadlines.needed(machine, io.overall):
-        await async_pump(machine, io, trace, False)
+        await async_pump(machine, io, trace)
         return
     while True:
         deadline = _FOREVER if io.deadline is None else io.deadline
         with trio.CancelScope(deadline=deadline) as scope:
             io.scope = scope
             try:
-                await async_pump(machine, io, trace, False)
+                await async_pump(machine, io, trace)
             finally:
                 io.scope = None
             io.clear()
