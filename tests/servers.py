@@ -116,6 +116,7 @@ __all__ = [
     "ReplicaPair",
     "Role",
     "SilentListener",
+    "SynBlackhole",
     "TLSMaterial",
     "closed_port",
     "cluster_factory",
@@ -131,6 +132,7 @@ __all__ = [
     "replica_factory",
     "replicated",
     "silent_listener",
+    "syn_blackhole",
     "tls_material",
 ]
 
@@ -567,3 +569,104 @@ def silent_listener() -> Iterator[SilentListener]:
         yield listener
     finally:
         listener.close()
+
+
+class SynBlackhole:
+    """A TCP endpoint on 127.0.0.1 where a client's connect() never completes.
+
+    A socket listens with backlog 0 and never accepts; the constructor
+    connects to it itself until its accept queue is full (one connection, as
+    Linux counts a queue of backlog 0 full at one entry).  From then on
+    Linux drops every SYN to the port without answering (``tcp_conn_request``
+    checks ``sk_acceptq_is_full`` and counts ``ListenOverflows``), so a
+    client's non-blocking ``connect()`` returns EINPROGRESS and the socket
+    never becomes writable: the client retransmits its SYN (after 1, 3, 7,
+    15, 31 and 63 s with ``net.ipv4.tcp_syn_retries = 6``) and its kernel
+    gives up with ETIMEDOUT after about 127 s, unless the client's own
+    timeout ends the attempt first.
+
+    Checked on Linux 6.18 with ``tcp_syncookies = 1``, both with
+    ``net.ipv4.tcp_abort_on_overflow = 0`` (the default) and ``= 1`` (in a
+    network namespace): the setting does not matter.  The SYN is dropped
+    before abort_on_overflow is consulted; that setting only decides
+    whether the final ACK of a handshake whose SYN-ACK went out *before*
+    the queue filled is ignored or answered with RST.  The fixture fills the
+    queue before anyone else connects, and :meth:`queue_full` reads the
+    listener's queue length (``TCP_INFO``: ``tcpi_unacked`` is the accept
+    queue length and ``tcpi_sacked`` the backlog for a listening socket) to
+    prove it is full, failing loudly otherwise.
+    """
+
+    def __init__(self, fill_timeout: float = 5.0) -> None:
+        self.host: Final = "127.0.0.1"
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._fillers: list[socket.socket] = []
+        try:
+            self._listener.bind((self.host, 0))
+            self._listener.listen(0)
+            self.port: Final[int] = self._listener.getsockname()[1]
+            self._fill(fill_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def queue_full(self) -> bool:
+        """Whether the listener's accept queue is full (so SYNs are dropped)."""
+        import sys
+
+        info = self._listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        queued = int.from_bytes(info[24:28], sys.byteorder)  # tcpi_unacked
+        backlog = int.from_bytes(info[28:32], sys.byteorder)  # tcpi_sacked
+        return queued > backlog
+
+    def _fill(self, timeout: float) -> None:
+        import errno
+
+        with selectors.DefaultSelector() as selector:
+            while not self.queue_full():
+                if len(self._fillers) >= 8:
+                    raise RuntimeError("syn_blackhole: the accept queue does not fill up")
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                err = sock.connect_ex((self.host, self.port))
+                if err == 0:
+                    self._fillers.append(sock)
+                    continue
+                if err != errno.EINPROGRESS:
+                    sock.close()
+                    raise OSError(err, f"syn_blackhole: filling connect failed: {err}")
+                selector.register(sock, selectors.EVENT_WRITE)
+                completed = bool(selector.select(timeout))
+                selector.unregister(sock)
+                if not completed:  # this SYN was dropped already: the queue is full
+                    sock.close()
+                    break
+                self._fillers.append(sock)
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    raise OSError(err, f"syn_blackhole: filling connect failed: {err}")
+        if not self.queue_full():
+            raise RuntimeError("syn_blackhole: the accept queue is not full")
+
+    def owned_fds(self) -> set[int]:
+        """File descriptors this endpoint holds (for ``fdcheck.assert_no_fd_leak``)."""
+        fds = {s.fileno() for s in (self._listener, *self._fillers)}
+        fds.discard(-1)
+        return fds
+
+    def close(self) -> None:
+        """Close the listener (resetting the queued connections), then the fillers."""
+        self._listener.close()
+        for sock in self._fillers:
+            sock.close()
+        self._fillers.clear()
+
+
+@pytest.fixture(scope="session")
+def syn_blackhole() -> Iterator[SynBlackhole]:
+    """A :class:`SynBlackhole` for the whole session: connecting to it never completes."""
+    blackhole = SynBlackhole()
+    try:
+        yield blackhole
+    finally:
+        blackhole.close()
