@@ -372,6 +372,26 @@ class ConnectionBase:
                     )
                 pending.append(event)
 
+    def _broken(self, events: list[Event], error: Error) -> Error:
+        """What to raise when the connection broke, given the *events*
+        received last: the server's own ErrorResponse if it sent one before
+        hanging up (a FATAL such as "terminating connection due to
+        administrator command", 57P01, as libpq reports it) -- in *events*,
+        or earlier on the idle connection -- else *error*."""
+        for event in events:
+            if isinstance(event, ErrorResponse):
+                return event.error
+        return self._idle_error or error
+
+    def _note_idle_errors(self, events: list[Event]) -> None:
+        """An ErrorResponse on an idle connection comes before the server
+        hangs up (often in a read of its own): keep it for :meth:`_broken`."""
+        for event in events:
+            if isinstance(event, ErrorResponse):
+                self._idle_error = event.error
+
+    _idle_error: ServerError | None = None
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else self._machine.status.name
         where = self.hostaddr or "?"
@@ -395,17 +415,6 @@ def collect_idle(
     except Error as exc:
         return events, close, exc
     return events, close, None
-
-
-def broken_error(events: list[Event], error: Error) -> Error:
-    """What to raise when a connection broke, given the *events* received
-    before: the server's own ErrorResponse if it sent one before hanging up
-    (a FATAL such as "terminating connection due to administrator command",
-    57P01, as libpq reports it), else *error*."""
-    for event in events:
-        if isinstance(event, ErrorResponse):
-            return event.error
-    return error
 
 
 class AsyncConnectionBase(ConnectionBase):
@@ -516,7 +525,7 @@ class AsyncConnectionBase(ConnectionBase):
             except Error as exc:
                 await self._abandon()
                 self._dispatch(events)
-                error = broken_error(events, exc)
+                error = self._broken(events, exc)
                 if error is exc:
                     raise
                 raise error from exc
@@ -643,10 +652,11 @@ class AsyncConnectionBase(ConnectionBase):
             self._closed = True
             await self._io.finish(close)
         self._dispatch(events)
+        self._note_idle_errors(events)
         if error is not None:
             self._closed = True
             await self._io.drop()
-            cause = broken_error(events, error)
+            cause = self._broken(events, error)
             if cause is error:
                 raise error
             raise cause from error

@@ -53,7 +53,6 @@ from ._common import (
     NoticeHandler,
     QueryResult,
     Tracer,
-    broken_error,
     closed_while_waiting,
     collect_idle,
     farewell,
@@ -662,7 +661,7 @@ class Connection(_Poller, ConnectionBase):
             except Error as exc:
                 self._abandon()
                 self._dispatch(events)
-                error = broken_error(events, exc)
+                error = self._broken(events, exc)
                 if error is exc:
                     raise
                 raise error from exc
@@ -716,10 +715,11 @@ class Connection(_Poller, ConnectionBase):
             self._closed = True
             io.finish(close)
         self._dispatch(events)
+        self._note_idle_errors(events)
         if error is not None:
             self._closed = True
             io.drop()
-            cause = broken_error(events, error)
+            cause = self._broken(events, error)
             if cause is error:
                 raise error
             raise cause from error
