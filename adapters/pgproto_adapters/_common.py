@@ -269,6 +269,10 @@ def cancel_grace(machine: ConnectionStateMachine) -> float:
     return float(seconds) if seconds is not None else DEFAULT_CANCEL_GRACE
 
 
+class _HasAsynchronous(Protocol):
+    asynchronous: list[Event]
+
+
 class ConnectionBase:
     """The surface every adapter's Connection shares."""
 
@@ -372,6 +376,31 @@ class ConnectionBase:
                     )
                 pending.append(event)
 
+    def _take_asynchronous(self, io: _HasAsynchronous) -> None:
+        """Deliver the notices and notifications *io* saw while connecting."""
+        if io.asynchronous:
+            events, io.asynchronous = io.asynchronous, []
+            self._dispatch(events)
+
+    def _take_idle(self, data: bytes) -> tuple[bytes | None, Error | None]:
+        """Bytes that arrived on an idle connection: deliver what they carry.
+        Returns what to send before closing the transport if the machine
+        closed it (else None), and the error to raise if the connection
+        broke (else None); either way the connection is then closed."""
+        machine = self._machine
+        machine.receive_data(data)
+        events, close, error = collect_idle(machine)
+        self._dispatch(events)
+        self._note_idle_errors(events)
+        if close is not None or error is not None:
+            self._closed = True
+        if error is not None:
+            cause = self._broken(events, error)
+            if cause is not error:
+                cause.__cause__ = error
+            error = cause
+        return close, error
+
     def _broken(self, events: list[Event], error: Error) -> Error:
         """What to raise when the connection broke, given the *events*
         received last: the server's own ErrorResponse if it sent one before
@@ -463,13 +492,7 @@ class AsyncConnectionBase(ConnectionBase):
         except BaseException:
             await io.drop()
             raise
-        self._take_asynchronous()
-
-    def _take_asynchronous(self) -> None:
-        io = self._io
-        if io.asynchronous:
-            events, io.asynchronous = io.asynchronous, []
-            self._dispatch(events)
+        self._take_asynchronous(self._io)
 
     async def reset(self) -> None:
         """libpq's ``PQreset``: close the connection (Terminate if it is
@@ -490,7 +513,7 @@ class AsyncConnectionBase(ConnectionBase):
             await io.drop()
             raise
         self._closed = False
-        self._take_asynchronous()
+        self._take_asynchronous(self._io)
 
     # -- queries --------------------------------------------------------------
 
@@ -643,23 +666,13 @@ class AsyncConnectionBase(ConnectionBase):
                     await self._absorb(data)
 
     async def _absorb(self, data: bytes) -> None:
-        """Bytes that arrived on an idle connection: deliver what they carry;
-        if they end the connection, close it and raise why."""
-        machine = self._machine
-        machine.receive_data(data)
-        events, close, error = collect_idle(machine)
+        """Bytes that arrived on an idle connection (see ``_take_idle``)."""
+        close, error = self._take_idle(data)
         if close is not None:
-            self._closed = True
             await self._io.finish(close)
-        self._dispatch(events)
-        self._note_idle_errors(events)
         if error is not None:
-            self._closed = True
             await self._io.drop()
-            cause = self._broken(events, error)
-            if cause is error:
-                raise error
-            raise cause from error
+            raise error
 
     # -- closing ----------------------------------------------------------------
 

@@ -54,7 +54,6 @@ from ._common import (
     QueryResult,
     Tracer,
     closed_while_waiting,
-    collect_idle,
     farewell,
     made,
     make_machine,
@@ -586,18 +585,12 @@ class Connection(_Poller, ConnectionBase):
         may be a new one after any call.  Spurious calls are harmless.
         """
         status = self._drive(False)
-        self._take_asynchronous()
+        self._take_asynchronous(self._io)
         return status
 
     def reset_poll(self) -> PollingStatus:
         """libpq's ``PQresetPoll``: :meth:`connect_poll` after :meth:`reset_start`."""
         return self.connect_poll()
-
-    def _take_asynchronous(self) -> None:
-        io = self._io
-        if io.asynchronous:
-            events, io.asynchronous = io.asynchronous, []
-            self._dispatch(events)
 
     # -- PQreset ------------------------------------------------------------
 
@@ -620,7 +613,7 @@ class Connection(_Poller, ConnectionBase):
         same parameters; raises :class:`pgproto.ConnectError`."""
         self.reset_start()
         self._establish()
-        self._take_asynchronous()
+        self._take_asynchronous(self._io)
 
     # -- an established connection ------------------------------------------
 
@@ -706,23 +699,13 @@ class Connection(_Poller, ConnectionBase):
                 self._leave()
 
     def _absorb(self, data: bytes) -> None:
-        """Bytes that arrived on an idle connection: deliver what they carry;
-        if they end the connection, close it and raise why."""
-        machine, io = self._machine, self._io
-        machine.receive_data(data)
-        events, close, error = collect_idle(machine)
+        """Bytes that arrived on an idle connection (see ``_take_idle``)."""
+        close, error = self._take_idle(data)
         if close is not None:
-            self._closed = True
-            io.finish(close)
-        self._dispatch(events)
-        self._note_idle_errors(events)
+            self._io.finish(close)
         if error is not None:
-            self._closed = True
-            io.drop()
-            cause = self._broken(events, error)
-            if cause is error:
-                raise error
-            raise cause from error
+            self._io.drop()
+            raise error
 
     def cancel_request(self) -> CancelRequest:
         """libpq 17's ``PQcancelCreate``: a :class:`CancelRequest` for the
@@ -825,7 +808,7 @@ def connect(
         conninfo, kwargs, env, trace, random_bytes, key_passphrase_hook, timeout, notice_handler
     )
     conn._establish()
-    conn._take_asynchronous()
+    conn._take_asynchronous(conn._io)
     return conn
 
 
