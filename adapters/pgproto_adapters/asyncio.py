@@ -58,9 +58,10 @@ class _Transport(AsyncTransport):
     """The current socket, the deadlines (loop time), the timeout that
     enforces them while connecting, and the future a task waits on."""
 
-    __slots__ = ("idle", "loop", "scope", "sock", "waiter")
+    __slots__ = ("idle", "loop", "scope", "sock", "streaming", "waiter")
 
     def __init__(self) -> None:
+        self.streaming = False
         self.loop = asyncio.get_running_loop()
         self.sock: socket.socket | None = None
         self.scope: asyncio.Timeout | None = None
@@ -120,11 +121,19 @@ class _Transport(AsyncTransport):
 
     async def receive(self) -> bytes:
         sock = self._socket()
+        if self.streaming:
+            # The last read filled the buffer: more is waiting, and reading
+            # on would never suspend.  Let the loop run (and deliver a
+            # cancellation) first -- before a read, so that nothing read is lost.
+            await asyncio.sleep(0)
         while True:
             try:
-                return sock.recv(RECV_SIZE)
+                data = sock.recv(RECV_SIZE)
             except BlockingIOError:
                 await self._wait(sock, False)
+                continue
+            self.streaming = len(data) == RECV_SIZE
+            return data
 
     async def receive_idle(self, deadline: float | None) -> bytes | None:
         sock = self._socket()

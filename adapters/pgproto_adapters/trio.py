@@ -59,9 +59,10 @@ class _Transport(AsyncTransport):
     """The current socket, the deadlines (trio's clock), and the cancel
     scopes that enforce them while connecting and that cut an idle read short."""
 
-    __slots__ = ("idle", "scope", "sock")
+    __slots__ = ("idle", "scope", "sock", "streaming")
 
     def __init__(self) -> None:
+        self.streaming = False
         # A plain non-blocking socket: it is read and written directly, and
         # trio is asked to wait only when the kernel says EAGAIN.
         self.sock: socket.socket | None = None
@@ -101,11 +102,19 @@ class _Transport(AsyncTransport):
 
     async def receive(self) -> bytes:
         sock = self._socket()
+        if self.streaming:
+            # The last read filled the buffer: more is waiting, and reading
+            # on would never suspend.  Let trio schedule (and deliver a
+            # cancellation) first -- before a read, so that nothing read is lost.
+            await trio.lowlevel.checkpoint()
         while True:
             try:
-                return sock.recv(RECV_SIZE)
+                data = sock.recv(RECV_SIZE)
             except BlockingIOError:
                 await _wait(wait_readable, sock)
+                continue
+            self.streaming = len(data) == RECV_SIZE
+            return data
 
     async def receive_idle(self, deadline: float | None) -> bytes | None:
         sock = self._socket()
