@@ -161,7 +161,7 @@ def test_connect_trace_over_tls_with_scram(
     assert role.password not in out
 
 
-@pytest.mark.parametrize("adapter", ["blocking", "asyncio", "trio"])
+@pytest.mark.parametrize("adapter", ["blocking", "asyncio", "trio", "anyio", "anyio-trio"])
 def test_connect_each_adapter_over_unix_socket(
     home: Path, pg15: Cluster, adapter: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -193,7 +193,8 @@ def test_connect_query_error_exit_status(
 
 
 def test_demo_runs_every_adapter(home: Path) -> None:
-    """README's main command: a throwaway server, three adapters, traced."""
+    """README's main command: a throwaway server, every adapter (anyio on
+    both of its backends), traced."""
     result = subprocess.run(
         [sys.executable, "-m", "pgproto_adapters", "demo"],
         capture_output=True,
@@ -204,11 +205,14 @@ def test_demo_runs_every_adapter(home: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    for adapter in ("blocking", "asyncio", "trio"):
+    adapters = ("blocking", "asyncio", "trio", "anyio", "anyio-trio")
+    for adapter in adapters:
         assert f"=== {adapter}: Unix socket, trust" in out
         assert f"=== {adapter}: TCP + TLS (verify-full) + SCRAM-SHA-256-PLUS" in out
-    assert out.count("authenticated: method SCRAM-SHA-256-PLUS, channel binding used") == 3
-    assert out.count("status CONNECTION_OK") == 6
+    assert out.count("authenticated: method SCRAM-SHA-256-PLUS, channel binding used") == len(
+        adapters
+    )
+    assert out.count("status CONNECTION_OK") == 2 * len(adapters)
     assert "demo-secret" not in out
     assert "server stopped and removed." in out
 
