@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import ipaddress
 import logging
 import os
@@ -15,7 +16,7 @@ import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol, Self
+from typing import Any, ClassVar, Final, Protocol, Self, TypeVar
 
 from pgproto import (
     CancelStateMachine,
@@ -49,12 +50,16 @@ from pgproto._events import (
 from pgproto._machine import ConnectionStateMachine
 
 __all__ = [
+    "IN_PROGRESS",
     "AsyncConnectionBase",
     "AsyncTransport",
     "ConnectionBase",
     "QueryCollector",
     "QueryResult",
+    "SocketTransport",
     "Tracer",
+    "async_connect",
+    "establish",
     "made",
     "make_machine",
     "open_socket",
@@ -65,6 +70,8 @@ __all__ = [
 Tracer = Callable[[Event], None]
 
 RECV_SIZE: Final = 65536
+#: What a non-blocking connect() says while the kernel connects the socket.
+IN_PROGRESS: Final = frozenset((errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR))
 
 
 def make_machine(
@@ -457,7 +464,8 @@ class AsyncConnectionBase(ConnectionBase):
     every task waiting on the connection with :class:`pgproto.ConnectionClosed`.
     """
 
-    _lock: Any  # the framework's Lock
+    #: The adapter's transport (each adapter's Connection sets it).
+    transport: ClassVar[type[AsyncTransport]]
 
     def __init__(
         self,
@@ -469,17 +477,11 @@ class AsyncConnectionBase(ConnectionBase):
         super().__init__(machine, notice_handler)
         self._io = io
         self._trace = trace
+        self._lock = io.lock()
         self._wanted = 0  # queries waiting for the socket
 
-    # -- what each adapter supplies ------------------------------------------
-
-    def _new_transport(self) -> AsyncTransport:
-        raise NotImplementedError
-
     async def _establish_on(self, machine: ConnectionStateMachine, io: AsyncTransport) -> None:
-        """Pump *machine* over *io* until it is connected (or raises), under
-        *io*'s deadlines; then clear them."""
-        raise NotImplementedError
+        await establish(machine, io, self._trace)
 
     # -- connecting ---------------------------------------------------------------
 
@@ -622,7 +624,7 @@ class AsyncConnectionBase(ConnectionBase):
         await self._send_cancel(cancel, None if seconds is None else self._io.now() + seconds)
 
     async def _send_cancel(self, cancel: CancelStateMachine, deadline: float | None) -> None:
-        io = self._new_transport()
+        io = self.transport()
         if deadline is not None:
             io.set_overall(deadline)
         try:
@@ -838,6 +840,23 @@ class AsyncTransport(Deadlines):
     def now(self) -> float:
         raise NotImplementedError
 
+    @staticmethod
+    def lock() -> Any:
+        """A new lock of the framework's."""
+        raise NotImplementedError
+
+    async def enter(self) -> None:
+        """What ``connect`` does first (trio and anyio: a cancellation
+        check, their rule for a function that may not suspend at once)."""
+
+    async def pump_before_deadline(
+        self, machine: ConnectionStateMachine, trace: Tracer | None
+    ) -> bool:
+        """:func:`async_pump` under one cancel scope (timeout) that follows
+        ``deadline`` (see :meth:`Deadlines.moved`): True when the machine is
+        connected, False when the deadline passed first."""
+        raise NotImplementedError
+
     async def open(self, command: OpenConnection) -> Any:
         """Connect for *command*; return the socket (for :func:`made`).
         Raises OSError in libpq's words, with no socket left open."""
@@ -942,3 +961,156 @@ async def async_pump(
                 machine.addresses_resolved(addresses)
         elif isinstance(event, StartTimer):
             io.start_timer(io.now() + event.seconds)
+
+
+async def establish(
+    machine: ConnectionStateMachine, io: AsyncTransport, trace: Tracer | None
+) -> None:
+    """Pump *machine* until it is connected (or raises), under *io*'s
+    deadlines (none at all when neither ``connect_timeout`` nor an overall
+    deadline is set); then clear them.  When a deadline passes, the machine
+    is told which one (and moves on, or gives up) and pumping resumes."""
+    if not Deadlines.needed(machine, io.overall):
+        await async_pump(machine, io, trace)
+        return
+    while not await io.pump_before_deadline(machine, trace):
+        await io.drop()  # a connect() cut short: the machine has no transport to close
+        io.expired(machine)
+    io.clear()
+
+
+async def async_connect(
+    connection: type[AsyncConnectionT],
+    conninfo: str,
+    kwargs: dict[str, Any],
+    *,
+    env: Environment | None,
+    trace: Tracer | None,
+    random_bytes: Callable[[int], bytes] | None,
+    key_passphrase_hook: Callable[[str], str] | None,
+    notice_handler: NoticeHandler | None,
+    timeout: float | None,
+) -> AsyncConnectionT:
+    """An async adapter's ``connect``: *connection* is its Connection class."""
+    seconds = overall_timeout(timeout)
+    io = connection.transport()
+    await io.enter()
+    start = io.now()
+    machine = make_machine(
+        conninfo,
+        kwargs,
+        env=env,
+        random_bytes=random_bytes,
+        key_passphrase_hook=key_passphrase_hook,
+    )
+    if seconds is not None:
+        io.set_overall(start + seconds)
+    conn = connection(machine, io, trace, notice_handler)
+    await conn._connect()
+    return conn
+
+
+AsyncConnectionT = TypeVar("AsyncConnectionT", bound=AsyncConnectionBase)
+
+
+class SocketTransport(AsyncTransport):
+    """An :class:`AsyncTransport` over a plain non-blocking socket (asyncio,
+    trio): it reads and writes the socket directly and asks the framework to
+    wait only when the kernel says EAGAIN (a framework's socket wrapper
+    would pass through its scheduler on every call, even one that completes
+    at once).  The adapter supplies the waits and the close."""
+
+    __slots__ = ("sock", "streaming")
+
+    def __init__(self) -> None:
+        self.sock: socket.socket | None = None
+        self.streaming = False  # the last read filled the buffer
+        super().__init__()
+
+    async def _wait(self, sock: socket.socket, writable: bool) -> None:
+        """Until *sock* is readable (writable); ConnectionClosed if it is
+        closed meanwhile."""
+        raise NotImplementedError
+
+    async def _wait_idle(self, sock: socket.socket, deadline: float | None) -> bool:
+        """Until *sock* is readable (True), or *deadline* passed or
+        :meth:`preempt` was called (False)."""
+        raise NotImplementedError
+
+    async def _checkpoint(self) -> None:
+        """Let the framework schedule other tasks (and deliver a cancellation)."""
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        """Close the socket now, waking a task waiting on it."""
+        raise NotImplementedError
+
+    def _socket(self) -> socket.socket:
+        if self.sock is None:
+            raise closed_while_waiting()
+        return self.sock
+
+    async def open(self, command: OpenConnection) -> socket.socket:
+        sock = self.sock = open_socket(command)
+        try:
+            error = sock.connect_ex(sockaddr(command.address))
+            if error in IN_PROGRESS:
+                await self._wait(sock, True)
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError as exc:
+            self._close()
+            raise connect_failure(exc) from None
+        if error:
+            self._close()
+            raise OSError(error, os.strerror(error))
+        return sock
+
+    async def send(self, data: bytes) -> None:
+        sock = self._socket()
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[sock.send(view) :]
+            except BlockingIOError:
+                await self._wait(sock, True)
+
+    async def receive(self) -> bytes:
+        sock = self._socket()
+        if self.streaming:
+            # The last read filled the buffer: more is waiting, and reading
+            # on would never suspend.  Let the framework schedule (and
+            # deliver a cancellation) first -- before a read, so that
+            # nothing read is lost.
+            await self._checkpoint()
+        while True:
+            try:
+                data = sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                await self._wait(sock, False)
+                continue
+            self.streaming = len(data) == RECV_SIZE
+            return data
+
+    async def receive_idle(self, deadline: float | None) -> bytes | None:
+        sock = self._socket()
+        for attempt in range(2):
+            try:
+                return sock.recv(RECV_SIZE)
+            except BlockingIOError:  # nothing yet; after the wait: preempted
+                pass
+            except OSError:
+                return b""  # ECONNRESET and the like: end of file
+            if attempt or not await self._wait_idle(sock, deadline):
+                return None
+        return None  # pragma: no cover - the loop returns
+
+    async def finish(self, data: bytes) -> None:
+        """Best-effort send of a final message without waiting (the socket is
+        about to close; Terminate is a courtesy), then close."""
+        if data and self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.send(data)
+        self._close()
+
+    async def drop(self) -> None:
+        self._close()

@@ -32,17 +32,16 @@ from pgproto import Environment, Ping
 from pgproto._machine import ConnectionStateMachine
 
 from ._common import (
+    IN_PROGRESS,
     RECV_SIZE,
     AsyncConnectionBase,
     AsyncTransport,
-    Deadlines,
     NoticeHandler,
     Tracer,
+    async_connect,
     async_pump,
     closed_while_waiting,
-    make_machine,
     open_socket,
-    overall_timeout,
     ping_via,
     resolver_host,
     sockaddr,
@@ -52,7 +51,6 @@ from ._common import (
 __all__ = ["Connection", "connect", "ping"]
 
 _FOREVER: Final = float("inf")
-_IN_PROGRESS: Final = frozenset((errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR))
 #: How long a closing connection may wait to hand Terminate to the stream.
 _FAREWELL_SECONDS: Final = 1.0
 
@@ -70,6 +68,8 @@ class _Transport(AsyncTransport):
         self.idle: anyio.CancelScope | None = None
         super().__init__()
 
+    lock = staticmethod(anyio.Lock)
+
     def moved(self) -> None:
         if self.scope is not None:
             self.scope.deadline = _FOREVER if self.deadline is None else self.deadline
@@ -77,11 +77,27 @@ class _Transport(AsyncTransport):
     def now(self) -> float:
         return anyio.current_time()
 
+    async def enter(self) -> None:
+        await anyio.lowlevel.checkpoint_if_cancelled()
+
+    async def pump_before_deadline(
+        self, machine: ConnectionStateMachine, trace: Tracer | None
+    ) -> bool:
+        deadline = _FOREVER if self.deadline is None else self.deadline
+        with anyio.CancelScope(deadline=deadline) as scope:
+            self.scope = scope
+            try:
+                await async_pump(machine, self, trace)
+            finally:
+                self.scope = None
+            return True
+        return False
+
     async def open(self, command: Any) -> socket.socket:
         sock = self.raw = open_socket(command)
         try:
             error = sock.connect_ex(sockaddr(command.address))
-            if error in _IN_PROGRESS:
+            if error in IN_PROGRESS:
                 try:
                     await anyio.wait_writable(sock)
                 except anyio.ClosedResourceError:
@@ -187,41 +203,10 @@ class _Transport(AsyncTransport):
         return anyio.get_cancelled_exc_class()
 
 
-async def _establish(machine: ConnectionStateMachine, io: _Transport, trace: Tracer | None) -> None:
-    """Pump *machine* until it is connected (or raises), under the deadlines;
-    then clear them."""
-    if not Deadlines.needed(machine, io.overall):
-        await async_pump(machine, io, trace)
-        return
-    while True:
-        deadline = _FOREVER if io.deadline is None else io.deadline
-        with anyio.CancelScope(deadline=deadline) as scope:
-            io.scope = scope
-            try:
-                await async_pump(machine, io, trace)
-            finally:
-                io.scope = None
-            io.clear()
-            return
-        await io.drop()  # a connect cut short: the machine has no transport to close
-        io.expired(machine)
-
-
 class Connection(AsyncConnectionBase):
     """An established connection (anyio)."""
 
-    _io: _Transport
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._lock = anyio.Lock()
-
-    def _new_transport(self) -> _Transport:
-        return _Transport()
-
-    async def _establish_on(self, machine: ConnectionStateMachine, io: AsyncTransport) -> None:
-        assert isinstance(io, _Transport)
-        await _establish(machine, io, self._trace)
+    transport = _Transport
 
 
 async def connect(
@@ -244,22 +229,17 @@ async def connect(
     other host is tried.  *notice_handler* gets every NoticeResponse
     (default: the ``pgproto.notice`` logger).
     """
-    seconds = overall_timeout(timeout)
-    await anyio.lowlevel.checkpoint_if_cancelled()
-    start = anyio.current_time()
-    machine = make_machine(
+    return await async_connect(
+        Connection,
         conninfo,
         kwargs,
         env=env,
+        trace=trace,
         random_bytes=random_bytes,
         key_passphrase_hook=key_passphrase_hook,
+        notice_handler=notice_handler,
+        timeout=timeout,
     )
-    io = _Transport()
-    if seconds is not None:
-        io.set_overall(start + seconds)
-    conn = Connection(machine, io, trace, notice_handler)
-    await conn._connect()
-    return conn
 
 
 async def ping(

@@ -16,37 +16,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import os
 import socket
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Final
+from typing import Any
 
 from pgproto import Environment, Ping
 from pgproto._machine import ConnectionStateMachine
 
 from ._common import (
-    RECV_SIZE,
     AsyncConnectionBase,
-    AsyncTransport,
-    Deadlines,
     NoticeHandler,
+    SocketTransport,
     Tracer,
+    async_connect,
     async_pump,
     closed_while_waiting,
-    connect_failure,
-    make_machine,
-    open_socket,
-    overall_timeout,
     ping_via,
     resolver_host,
-    sockaddr,
     stream_addresses,
 )
 
 __all__ = ["Connection", "connect", "ping"]
-
-_IN_PROGRESS: Final = frozenset((errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR))
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
@@ -54,20 +44,20 @@ def _wake(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
-class _Transport(AsyncTransport):
-    """The current socket, the deadlines (loop time), the timeout that
-    enforces them while connecting, and the future a task waits on."""
+class _Transport(SocketTransport):
+    """The socket, the deadlines (loop time), the timeout that enforces them
+    while connecting, and the future a task waits on."""
 
-    __slots__ = ("idle", "loop", "scope", "sock", "streaming", "waiter")
+    __slots__ = ("idle", "loop", "scope", "waiter")
 
     def __init__(self) -> None:
-        self.streaming = False
         self.loop = asyncio.get_running_loop()
-        self.sock: socket.socket | None = None
         self.scope: asyncio.Timeout | None = None
         self.waiter: asyncio.Future[None] | None = None
         self.idle = False  # the waiter is an idle read (preempt() may end it)
         super().__init__()
+
+    lock = staticmethod(asyncio.Lock)
 
     def moved(self) -> None:
         if self.scope is not None:
@@ -76,9 +66,22 @@ class _Transport(AsyncTransport):
     def now(self) -> float:
         return self.loop.time()
 
+    async def pump_before_deadline(
+        self, machine: ConnectionStateMachine, trace: Tracer | None
+    ) -> bool:
+        scope = self.scope = asyncio.timeout_at(self.deadline)
+        try:
+            async with scope:
+                await async_pump(machine, self, trace)
+        except TimeoutError:
+            if not scope.expired():
+                raise
+            return False
+        finally:
+            self.scope = None
+        return True
+
     async def _wait(self, sock: socket.socket, writable: bool) -> None:
-        """Until *sock* is readable (writable); ConnectionClosed if it is
-        closed meanwhile."""
         loop, fd = self.loop, sock.fileno()
         waiter = self.waiter = loop.create_future()
         if writable:
@@ -95,68 +98,19 @@ class _Transport(AsyncTransport):
                 else:
                     loop.remove_reader(fd)
 
-    async def open(self, command: Any) -> socket.socket:
-        sock = self.sock = open_socket(command)
-        try:
-            error = sock.connect_ex(sockaddr(command.address))
-            if error in _IN_PROGRESS:
-                await self._wait(sock, True)
-                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        except OSError as exc:
-            self._close()
-            raise connect_failure(exc) from None
-        if error:
-            self._close()
-            raise OSError(error, os.strerror(error))
-        return sock
-
-    async def send(self, data: bytes) -> None:
-        sock = self._socket()
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[sock.send(view) :]
-            except BlockingIOError:
-                await self._wait(sock, True)
-
-    async def receive(self) -> bytes:
-        sock = self._socket()
-        if self.streaming:
-            # The last read filled the buffer: more is waiting, and reading
-            # on would never suspend.  Let the loop run (and deliver a
-            # cancellation) first -- before a read, so that nothing read is lost.
-            await asyncio.sleep(0)
-        while True:
-            try:
-                data = sock.recv(RECV_SIZE)
-            except BlockingIOError:
-                await self._wait(sock, False)
-                continue
-            self.streaming = len(data) == RECV_SIZE
-            return data
-
-    async def receive_idle(self, deadline: float | None) -> bytes | None:
-        sock = self._socket()
-        try:
-            return sock.recv(RECV_SIZE)
-        except BlockingIOError:
-            pass
-        except OSError:
-            return b""
+    async def _wait_idle(self, sock: socket.socket, deadline: float | None) -> bool:
         self.idle = True
         try:
             async with asyncio.timeout_at(deadline):
                 await self._wait(sock, False)
         except TimeoutError:
-            return None
+            return False
         finally:
             self.idle = False
-        try:
-            return sock.recv(RECV_SIZE)
-        except BlockingIOError:  # preempted (or a spurious wake-up)
-            return None
-        except OSError:
-            return b""
+        return True  # readable -- or preempted: the read will tell
+
+    async def _checkpoint(self) -> None:
+        await asyncio.sleep(0)
 
     def preempt(self) -> None:
         if self.idle and self.waiter is not None:
@@ -176,15 +130,6 @@ class _Transport(AsyncTransport):
             infos = await self.loop.getaddrinfo(name, port, type=socket.SOCK_STREAM)
         return stream_addresses(infos)
 
-    async def finish(self, data: bytes) -> None:
-        if data and self.sock is not None:
-            with contextlib.suppress(OSError):
-                self.sock.send(data)
-        self._close()
-
-    async def drop(self) -> None:
-        self._close()
-
     def _close(self) -> None:
         sock = self.sock
         if sock is None:
@@ -199,11 +144,6 @@ class _Transport(AsyncTransport):
                 waiter.set_exception(closed_while_waiting())
         sock.close()
 
-    def _socket(self) -> socket.socket:
-        if self.sock is None:
-            raise closed_while_waiting()
-        return self.sock
-
     @contextlib.asynccontextmanager
     async def shielded(self, seconds: float) -> AsyncIterator[None]:
         # asyncio delivers a cancellation once: after the CancelledError was
@@ -217,44 +157,10 @@ class _Transport(AsyncTransport):
         return asyncio.CancelledError
 
 
-async def _establish(machine: ConnectionStateMachine, io: _Transport, trace: Tracer | None) -> None:
-    """Pump *machine* until it is connected (or raises), under the deadlines;
-    then clear them."""
-    if not Deadlines.needed(machine, io.overall):
-        await async_pump(machine, io, trace)
-        return
-    while True:
-        scope = io.scope = asyncio.timeout_at(io.deadline)
-        try:
-            async with scope:
-                await async_pump(machine, io, trace)
-            io.scope = None
-            io.clear()
-            return
-        except TimeoutError:
-            if not scope.expired():
-                raise
-        finally:
-            io.scope = None
-        io._close()  # a connect() cut short: the machine has no transport to close
-        io.expired(machine)
-
-
 class Connection(AsyncConnectionBase):
     """An established connection (asyncio)."""
 
-    _io: _Transport
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._lock = asyncio.Lock()
-
-    def _new_transport(self) -> _Transport:
-        return _Transport()
-
-    async def _establish_on(self, machine: ConnectionStateMachine, io: AsyncTransport) -> None:
-        assert isinstance(io, _Transport)
-        await _establish(machine, io, self._trace)
+    transport = _Transport
 
 
 async def connect(
@@ -277,21 +183,17 @@ async def connect(
     other host is tried.  *notice_handler* gets every NoticeResponse
     (default: the ``pgproto.notice`` logger).
     """
-    seconds = overall_timeout(timeout)
-    io = _Transport()
-    start = io.loop.time()
-    machine = make_machine(
+    return await async_connect(
+        Connection,
         conninfo,
         kwargs,
         env=env,
+        trace=trace,
         random_bytes=random_bytes,
         key_passphrase_hook=key_passphrase_hook,
+        notice_handler=notice_handler,
+        timeout=timeout,
     )
-    if seconds is not None:
-        io.set_overall(start + seconds)
-    conn = Connection(machine, io, trace, notice_handler)
-    await conn._connect()
-    return conn
 
 
 async def ping(

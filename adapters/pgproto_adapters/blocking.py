@@ -13,7 +13,6 @@ poll(2) where it would return READING or WRITING.
 from __future__ import annotations
 
 import contextlib
-import errno
 import math
 import os
 import select
@@ -47,6 +46,7 @@ from pgproto._events import (
 from pgproto._machine import ConnectionStateMachine
 
 from ._common import (
+    IN_PROGRESS,
     RECV_SIZE,
     ConnectionBase,
     Deadlines,
@@ -362,7 +362,7 @@ def _open(machine: ConnectionStateMachine, io: _Transport, event: OpenConnection
         io.drop()
         machine.connection_failed(exc)
         return
-    if error in _IN_PROGRESS:
+    if error in IN_PROGRESS:
         io.connecting = event
         return
     if error:
@@ -389,7 +389,6 @@ def _connected(machine: ConnectionStateMachine, io: _Transport) -> None:
 _COMMANDS = frozenset((OpenConnection, CloseConnection, ResolveHost, StartTimer))
 _ASYNCHRONOUS: Final = frozenset((NoticeResponse, NotificationResponse))
 _closed_while_waiting = closed_while_waiting
-_IN_PROGRESS = frozenset((errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR))
 
 
 class _Poller:

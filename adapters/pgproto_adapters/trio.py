@@ -17,8 +17,6 @@ open; closing a connection wakes every task waiting on it
 from __future__ import annotations
 
 import contextlib
-import errno
-import os
 import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
@@ -29,46 +27,38 @@ from pgproto import Environment, Ping
 from pgproto._machine import ConnectionStateMachine
 
 from ._common import (
-    RECV_SIZE,
     AsyncConnectionBase,
-    AsyncTransport,
-    Deadlines,
     NoticeHandler,
+    SocketTransport,
     Tracer,
+    async_connect,
     async_pump,
     closed_while_waiting,
-    make_machine,
-    open_socket,
-    overall_timeout,
     ping_via,
     resolver_host,
-    sockaddr,
     stream_addresses,
 )
 
 __all__ = ["Connection", "connect", "ping"]
 
 _FOREVER: Final = float("inf")
-_IN_PROGRESS: Final = frozenset((errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR))
 
 wait_readable = trio.lowlevel.wait_readable
 wait_writable = trio.lowlevel.wait_writable
 
 
-class _Transport(AsyncTransport):
-    """The current socket, the deadlines (trio's clock), and the cancel
-    scopes that enforce them while connecting and that cut an idle read short."""
+class _Transport(SocketTransport):
+    """The socket, the deadlines (trio's clock), and the cancel scopes that
+    enforce them while connecting and that cut an idle read short."""
 
-    __slots__ = ("idle", "scope", "sock", "streaming")
+    __slots__ = ("idle", "scope")
 
     def __init__(self) -> None:
-        self.streaming = False
-        # A plain non-blocking socket: it is read and written directly, and
-        # trio is asked to wait only when the kernel says EAGAIN.
-        self.sock: socket.socket | None = None
         self.scope: trio.CancelScope | None = None
         self.idle: trio.CancelScope | None = None
         super().__init__()
+
+    lock = staticmethod(trio.Lock)
 
     def moved(self) -> None:
         if self.scope is not None:
@@ -77,67 +67,39 @@ class _Transport(AsyncTransport):
     def now(self) -> float:
         return trio.current_time()
 
-    async def open(self, command: Any) -> socket.socket:
-        sock = self.sock = open_socket(command)
-        try:
-            error = sock.connect_ex(sockaddr(command.address))
-            if error in _IN_PROGRESS:
-                await _wait(wait_writable, sock)
-                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        except OSError as exc:
-            error = exc.errno or errno.EIO
-        if error:
-            self._close()
-            raise OSError(error, os.strerror(error))
-        return sock
+    async def enter(self) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
 
-    async def send(self, data: bytes) -> None:
-        sock = self._socket()
-        view = memoryview(data)
-        while view:
+    async def pump_before_deadline(
+        self, machine: ConnectionStateMachine, trace: Tracer | None
+    ) -> bool:
+        deadline = _FOREVER if self.deadline is None else self.deadline
+        with trio.CancelScope(deadline=deadline) as scope:
+            self.scope = scope
             try:
-                view = view[sock.send(view) :]
-            except BlockingIOError:
-                await _wait(wait_writable, sock)
+                await async_pump(machine, self, trace)
+            finally:
+                self.scope = None
+            return True
+        return False
 
-    async def receive(self) -> bytes:
-        sock = self._socket()
-        if self.streaming:
-            # The last read filled the buffer: more is waiting, and reading
-            # on would never suspend.  Let trio schedule (and deliver a
-            # cancellation) first -- before a read, so that nothing read is lost.
-            await trio.lowlevel.checkpoint()
-        while True:
-            try:
-                data = sock.recv(RECV_SIZE)
-            except BlockingIOError:
-                await _wait(wait_readable, sock)
-                continue
-            self.streaming = len(data) == RECV_SIZE
-            return data
-
-    async def receive_idle(self, deadline: float | None) -> bytes | None:
-        sock = self._socket()
+    async def _wait(self, sock: socket.socket, writable: bool) -> None:
         try:
-            return sock.recv(RECV_SIZE)
-        except BlockingIOError:
-            pass
-        except OSError:
-            return b""
+            await (wait_writable if writable else wait_readable)(sock)
+        except trio.ClosedResourceError:
+            raise closed_while_waiting() from None
+
+    async def _wait_idle(self, sock: socket.socket, deadline: float | None) -> bool:
         with trio.CancelScope(deadline=_FOREVER if deadline is None else deadline) as scope:
             self.idle = scope
             try:
-                await _wait(wait_readable, sock)
+                await self._wait(sock, False)
             finally:
                 self.idle = None
-        if scope.cancelled_caught:
-            return None
-        try:
-            return sock.recv(RECV_SIZE)
-        except BlockingIOError:
-            return None
-        except OSError:
-            return b""
+        return not scope.cancelled_caught
+
+    async def _checkpoint(self) -> None:
+        await trio.lowlevel.checkpoint()
 
     def preempt(self) -> None:
         if self.idle is not None:
@@ -148,27 +110,11 @@ class _Transport(AsyncTransport):
         infos = await trio.socket.getaddrinfo(resolver_host(host), port, type=socket.SOCK_STREAM)
         return stream_addresses(infos)
 
-    async def finish(self, data: bytes) -> None:
-        """Best-effort send of a final message without waiting (the socket is
-        about to close; Terminate is a courtesy), then close."""
-        if data and self.sock is not None:
-            with contextlib.suppress(OSError):
-                self.sock.send(data)
-        self._close()
-
-    async def drop(self) -> None:
-        self._close()
-
     def _close(self) -> None:
         if self.sock is not None:
             trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
             self.sock = None
-
-    def _socket(self) -> socket.socket:
-        if self.sock is None:
-            raise closed_while_waiting()
-        return self.sock
 
     @contextlib.asynccontextmanager
     async def shielded(self, seconds: float) -> AsyncIterator[None]:
@@ -180,48 +126,10 @@ class _Transport(AsyncTransport):
         return trio.Cancelled
 
 
-async def _wait(wait: Callable[[socket.socket], Any], sock: socket.socket) -> None:
-    try:
-        await wait(sock)
-    except trio.ClosedResourceError:
-        raise closed_while_waiting() from None
-
-
-async def _establish(machine: ConnectionStateMachine, io: _Transport, trace: Tracer | None) -> None:
-    """Pump *machine* until it is connected (or raises), under the deadlines;
-    then clear them."""
-    if not Deadlines.needed(machine, io.overall):
-        await async_pump(machine, io, trace)
-        return
-    while True:
-        deadline = _FOREVER if io.deadline is None else io.deadline
-        with trio.CancelScope(deadline=deadline) as scope:
-            io.scope = scope
-            try:
-                await async_pump(machine, io, trace)
-            finally:
-                io.scope = None
-            io.clear()
-            return
-        io._close()  # a connect() cut short: the machine has no transport to close
-        io.expired(machine)
-
-
 class Connection(AsyncConnectionBase):
     """An established connection (trio)."""
 
-    _io: _Transport
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._lock = trio.Lock()
-
-    def _new_transport(self) -> _Transport:
-        return _Transport()
-
-    async def _establish_on(self, machine: ConnectionStateMachine, io: AsyncTransport) -> None:
-        assert isinstance(io, _Transport)
-        await _establish(machine, io, self._trace)
+    transport = _Transport
 
 
 async def connect(
@@ -244,22 +152,17 @@ async def connect(
     other host is tried.  *notice_handler* gets every NoticeResponse
     (default: the ``pgproto.notice`` logger).
     """
-    seconds = overall_timeout(timeout)
-    await trio.lowlevel.checkpoint_if_cancelled()
-    start = trio.current_time()
-    machine = make_machine(
+    return await async_connect(
+        Connection,
         conninfo,
         kwargs,
         env=env,
+        trace=trace,
         random_bytes=random_bytes,
         key_passphrase_hook=key_passphrase_hook,
+        notice_handler=notice_handler,
+        timeout=timeout,
     )
-    io = _Transport()
-    if seconds is not None:
-        io.set_overall(start + seconds)
-    conn = Connection(machine, io, trace, notice_handler)
-    await conn._connect()
-    return conn
 
 
 async def ping(
