@@ -11,10 +11,14 @@ For each of a set of realistic connection strings it times, in one process,
   psycopg's conversion of the result to a dict) -- the baseline of the ratio,
 * ``psycopg.pq.Conninfo.parse(s.encode())`` ("PQparse": libpq's call and
   psycopg's wrapping of its option array, without the dict), and
-* ``pgproto.resolve_params(s, env=...)`` when pgproto has it (else "n/a"),
+* ``pgproto.resolve_params(s, env=...)``, twice: "resolve" empties pgproto's
+  cache of resolved parameters before each call (the work of a first
+  connection), "cached" does not (a repeated connection string),
 
 and prints microseconds per call (best of ``--repeat`` runs, timeit-style, each
-run long enough to last ``--min-time``) and the ratio pgproto/psycopg.
+run long enough to last ``--min-time``) and the ratio pgproto/psycopg.  The
+exit status is 1 if pgproto and libpq disagree on a string or resolve_params
+fails on one (the timings would then mean nothing).
 """
 
 from __future__ import annotations
@@ -25,13 +29,14 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import Conninfo
 
 import pgproto
+from pgproto import _params
 
 CONNINFOS: Final[list[tuple[str, str]]] = [
     ("kv short", "host=localhost dbname=app"),
@@ -94,25 +99,22 @@ def seconds_per_call(
     return best / number
 
 
-def _environment() -> object:
-    """A fixed, file-free environment for resolve_params (no home, no passfile)."""
-    env_class: Any = getattr(pgproto, "Environment", None)
-    if env_class is None:
-        return ENV
-    try:
-        return env_class(environ=ENV, home=None, user="bench")
-    except TypeError:
-        return env_class.from_os(ENV)
+def _resolver(*, cached: bool) -> Callable[[str], object]:
+    """resolve_params in a fixed, file-free environment (no home, no
+    password file); without *cached*, its cache is emptied before each call."""
+    env = pgproto.Environment(environ=ENV, home=None, user="bench")
+    resolve, cache = pgproto.resolve_params, _params._RESOLVED
 
+    if cached:
 
-def _resolver() -> Callable[[str], object] | None:
-    resolve: Any = getattr(pgproto, "resolve_params", None)
-    if resolve is None:
-        return None
-    env = _environment()
+        def call(conninfo: str) -> object:
+            return resolve(conninfo, env=env)
 
-    def call(conninfo: str) -> object:
-        return resolve(conninfo, env=env)
+    else:
+
+        def call(conninfo: str) -> object:
+            cache.clear()
+            return resolve(conninfo, env=env)
 
     return call
 
@@ -122,12 +124,14 @@ def _libpq_parse(conninfo: str) -> object:
     return Conninfo.parse(conninfo.encode())
 
 
-def _check(name: str, conninfo: str) -> None:
-    """Both parsers must accept the string and agree, or the timing is meaningless."""
+def _check(name: str, conninfo: str) -> str | None:
+    """Both parsers must accept the string and agree, or the timing is
+    meaningless: the disagreement, if any."""
     mine = pgproto.parse_conninfo(conninfo)
     theirs = conninfo_to_dict(conninfo)
     if mine != theirs:
-        print(f"warning: {name}: results differ: {mine!r} != {theirs!r}")
+        return f"warning: {name}: results differ: {mine!r} != {theirs!r}"
+    return None
 
 
 def _fmt_us(seconds: float | None) -> str:
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     repeat: int = args.repeat
     min_time: float = args.min_time
 
-    resolve = _resolver()
+    resolvers = {"resolve": _resolver(cached=False), "cached": _resolver(cached=True)}
     print(
         f"Python {platform.python_version()} ({platform.python_implementation()}), "
         f"pgproto {pgproto.__version__}, psycopg {psycopg.__version__} "
@@ -150,34 +154,40 @@ def main(argv: list[str] | None = None) -> int:
         f"best of {repeat}, runs of >= {min_time * 1e3:.0f} ms"
     )
     header = f"{'connection string':<22} {'pgproto µs':>11} {'psycopg µs':>11} {'ratio':>7}"
-    header += f" {'PQparse µs':>11} {'resolve µs':>11}"
+    header += f" {'PQparse µs':>11}" + "".join(f" {name + ' µs':>11}" for name in resolvers)
     print(header)
     print("-" * len(header))
 
     ratios: list[float] = []
     failures: list[str] = []
     total_mine = total_theirs = total_raw = 0.0
-    total_resolve: float | None = 0.0 if resolve is not None else None
+    totals: dict[str, float | None] = dict.fromkeys(resolvers, 0.0)
     for name, conninfo in CONNINFOS:
-        _check(name, conninfo)
+        disagreement = _check(name, conninfo)
+        if disagreement is not None:
+            print(disagreement)
+            failures.append(disagreement)
         mine = seconds_per_call(pgproto.parse_conninfo, conninfo, repeat=repeat, min_time=min_time)
         theirs = seconds_per_call(conninfo_to_dict, conninfo, repeat=repeat, min_time=min_time)
         raw = seconds_per_call(_libpq_parse, conninfo, repeat=repeat, min_time=min_time)
-        resolved: float | None = None
-        if resolve is not None:
+        resolved: dict[str, float | None] = {}
+        for kind, resolve in resolvers.items():
             try:
-                resolved = seconds_per_call(resolve, conninfo, repeat=repeat, min_time=min_time)
+                resolved[kind] = seconds_per_call(
+                    resolve, conninfo, repeat=repeat, min_time=min_time
+                )
             except Exception as exc:  # report, keep benchmarking the rest
+                resolved[kind] = None
                 failures.append(f"resolve_params failed on {name!r}: {exc!r}")
+            total, this = totals[kind], resolved[kind]
+            totals[kind] = None if total is None or this is None else total + this
         ratios.append(mine / theirs)
         total_mine += mine
         total_theirs += theirs
         total_raw += raw
-        if total_resolve is not None:
-            total_resolve = None if resolved is None else total_resolve + resolved
         print(
             f"{name:<22} {_fmt_us(mine):>11} {_fmt_us(theirs):>11} {mine / theirs:>7.2f}"
-            f" {_fmt_us(raw):>11} {_fmt_us(resolved):>11}"
+            f" {_fmt_us(raw):>11}" + "".join(f" {_fmt_us(v):>11}" for v in resolved.values())
         )
 
     print("-" * len(header))
@@ -185,12 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{'all (sum of one each)':<22} {_fmt_us(total_mine):>11} {_fmt_us(total_theirs):>11}"
         f" {total_mine / total_theirs:>7.2f} {_fmt_us(total_raw):>11}"
-        f" {_fmt_us(total_resolve):>11}"
+        + "".join(f" {_fmt_us(v):>11}" for v in totals.values())
     )
     print(f"geometric mean of ratios pgproto/psycopg: {geomean:.2f}")
     for failure in failures:
         print(failure)
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""Smoke test of ``benchmarks/bench_connect.py``, so that the benchmark cannot rot.
+"""Smoke tests of the benchmarks, so that they cannot rot.
 
-It runs the whole script in-process, with two connections per client, against
+``bench_connect`` runs whole in-process, with two connections per client, against
 the session's PostgreSQL 18 (``--*-dsn`` options, so no server of its own):
 every client connects in every scenario, the checks pass and the tables, the
 verdicts and the profile are printed.
@@ -62,3 +62,25 @@ def test_bench_connect_quick(
     assert out.count("verdict: pgproto") == 3 + 4 + 4
     assert "TLS as the server saw it: pgproto TLSv1.3" in out
     assert out.count("== cProfile, pgproto blocking") == 3 + 2
+
+
+CONNINFO_BENCH = BENCH.with_name("bench_conninfo.py")
+
+
+def test_bench_conninfo_quick(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``benchmarks/bench_conninfo.py`` runs, pgproto and libpq agree on every
+    string (else the exit status is 1), and both resolve columns are filled."""
+    spec = importlib.util.spec_from_file_location("bench_conninfo", CONNINFO_BENCH)
+    assert spec is not None
+    assert spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--repeat", "1", "--min-time", "0.001"]) == 0
+    out = capsys.readouterr().out
+    assert "warning" not in out
+    assert "resolve µs" in out
+    assert "cached µs" in out
+    assert "n/a" not in out
