@@ -321,9 +321,11 @@ def _build_context(settings: TLSSettings) -> TLSContextInfo:
     context.set_alpn_protocols([ALPN_PROTOCOL])
     if settings.sslkeylogfile:
         _set_keylog(context, settings.sslkeylogfile)
-    if settings.sslcertmode == "require":
-        # Only sslcertmode=require needs to know whether the server asked for
-        # a certificate; the hook costs a Python call per TLS message.
+    if settings.sslcertmode == "require" or client_cert is not None:
+        # Whether the server asked for a certificate (and so got ours) is
+        # known only through this hook, which costs a Python call per TLS
+        # record: it is installed only where the answer can matter --
+        # sslcertmode=require, or a client certificate to send.
         _install_message_observer(context)
     return TLSContextInfo(
         context=context,
@@ -612,7 +614,6 @@ class TLSEngine:
         self._settings = settings
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
-        _install_message_observer(info.context)
         self._observing = getattr(info.context, "_msg_callback", None) is _on_tls_message
         try:
             self._ssl = info.context.wrap_bio(

@@ -892,6 +892,18 @@ def test_long_sslpassword_is_truncated(client_files: tuple[str, str], tmp_path: 
         assert create_context(settings).client_cert == cert
 
 
+def test_message_hook_only_where_it_can_matter(ca: trustme.CA, leaf: trustme.LeafCert) -> None:
+    """The TLS message hook costs a Python call per TLS record: without
+    sslcertmode=require and without a client certificate to send, it is not
+    installed (on the context, nor by the engine)."""
+    context = server_context(leaf, client_ca=ca, verify_mode=ssl.CERT_OPTIONAL)
+    engine, _, info = connect(context, sslcertmode="allow")
+    assert info.client_cert is None
+    assert getattr(info.context, "_msg_callback", None) is None
+    assert engine.client_cert_requested is None
+    assert engine.client_cert_sent is False
+
+
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
 @pytest.mark.parametrize("verify_mode", [ssl.CERT_NONE, ssl.CERT_OPTIONAL])
 def test_certificate_request_detection(
