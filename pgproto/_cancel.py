@@ -34,7 +34,7 @@ from typing import Final
 
 from . import _wire
 from ._enums import ConnStatus
-from ._errors import ConnectError, LocalProtocolError, RemoteProtocolError, TLSError
+from ._errors import LocalProtocolError, RemoteProtocolError, TLSError
 from ._events import CloseConnection
 from ._machine import _HARD, _STEP_NAMES, SSL, ConnectionStateMachine, _Failure
 from ._states import Input
@@ -74,11 +74,10 @@ class CancelStateMachine(ConnectionStateMachine):
             raise LocalProtocolError("connection not open")
         if pid is None or key is None:
             raise LocalProtocolError("no cancellation key received")
-        # The source connection's machine options (key passphrase hook);
-        # the random sources are unused: no shuffle, no SCRAM.
+        # The source connection's key passphrase hook (for its client
+        # certificate); no SCRAM, so no nonce source and no cache.
         super().__init__(
             connection.params,
-            random_bytes=connection._random_bytes,
             key_passphrase_hook=connection._key_passphrase_hook,
             scram_cache=None,
         )
@@ -86,7 +85,6 @@ class CancelStateMachine(ConnectionStateMachine):
         self._key = key
         self._cancel_host = host
         self._cancel_address = address
-        self._rng = None  # nothing is shuffled: the one address is fixed
 
     @property
     def cancel_pid(self) -> int:
@@ -98,17 +96,13 @@ class CancelStateMachine(ConnectionStateMachine):
     def _next_host(self) -> None:
         if self._host_index >= 0:  # tried already: nothing else to try
             self._host_index = 1
-            self._record_end()
+            self._give_up()
             return
         self._host_index = 0
         self._host = self._cancel_host
         self._addresses = [self._cancel_address]
         self._addr_index = 0
         self._open(new_address=True)
-
-    def _record_end(self) -> None:
-        self._set(Input.FAILED)
-        self._error = ConnectError(self._attempts)
 
     def _hosts_left(self) -> bool:
         return False
@@ -130,21 +124,14 @@ class CancelStateMachine(ConnectionStateMachine):
             return False
         if status is not _S.AWAITING_RESPONSE:
             return super()._step()
-        tls = self._tls
-        if tls is not None:
+        if self._tls is not None:
             try:
-                plaintext = tls.receive()
+                self._pull_tls()
             except TLSError:
                 # A TLS stream cut without close_notify after the request
                 # went out: the server hung up, which is all we wait for.
                 if not self._eof:
                     raise
-                plaintext = b""
-                tls.eof = True
-            if plaintext:
-                self._in.feed(plaintext)
-            if tls.eof:
-                self._eof = True
         if len(self._in):
             raise _Failure(RemoteProtocolError("unexpected response from server"), _HARD)
         if not self._eof:

@@ -246,6 +246,8 @@ class PasswordFileWarning(PgprotoWarning):
 
 #: The step name of attempts that never reached an address.
 RESOLVING_STEP: Final = "resolving the host"
+#: "cannot connect now": the server is starting up, shutting down, ...
+SQLSTATE_CANNOT_CONNECT_NOW: Final = "57P03"
 
 
 def ping_outcome(error: BaseException | None) -> Ping:
@@ -273,5 +275,5 @@ def ping_outcome(error: BaseException | None) -> Ping:
         sqlstate = attempt.sqlstate
         if sqlstate is None or len(sqlstate) != 5:
             return Ping.NO_RESPONSE
-        return Ping.REJECT if sqlstate == "57P03" else Ping.OK
+        return Ping.REJECT if sqlstate == SQLSTATE_CANNOT_CONNECT_NOW else Ping.OK
     return Ping.NO_RESPONSE

@@ -20,7 +20,30 @@ from typing import Final
 from ._errors import ConninfoError, PasswordFileWarning
 from ._options import OPTION_BY_KEYWORD
 
-__all__ = ["PasswordMatch", "ServiceSetting", "password_from_file", "read_service"]
+__all__ = [
+    "FileSignature",
+    "PasswordMatch",
+    "ServiceSetting",
+    "file_signature",
+    "password_from_file",
+    "read_service",
+]
+
+#: What identifies a file's version (mode, inode, device, size, modification
+#: and change times); None when it cannot be read.  Caches compare them.
+FileSignature = tuple[int, ...] | None
+
+
+def file_signature(path: str | None) -> FileSignature:
+    """The :data:`FileSignature` of *path* (None for no path)."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_mode, st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
 
 # fgets() in libpq reads service lines into a 1024-byte buffer; a line that
 # fills it (1023 bytes or more, newline included) is "too long".

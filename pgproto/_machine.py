@@ -68,6 +68,8 @@ from . import _wire
 from ._enums import ConnStatus, PollingStatus
 from ._environment import _password_entry
 from ._errors import (
+    RESOLVING_STEP,
+    SQLSTATE_CANNOT_CONNECT_NOW,
     Attempt,
     AuthenticationError,
     ConnectError,
@@ -110,6 +112,9 @@ from ._params import ConnParams, HostParams, HostType, SourceKind
 from ._scram import (
     DEFAULT_CACHE,
     MAX_ITERATIONS_DEFAULT,
+    NONCE_LENGTH,
+    SCRAM_SHA_256,
+    SCRAM_SHA_256_PLUS,
     SaltedPasswordCache,
     ScramClient,
     md5_response,
@@ -136,7 +141,7 @@ _EOF_MESSAGE: Final = (
     "\tThis probably means the server terminated abnormally\n"
     "\tbefore or while processing the request."
 )
-_SQLSTATE_CANNOT_CONNECT_NOW: Final = "57P03"
+_SQLSTATE_CANNOT_CONNECT_NOW: Final = SQLSTATE_CANNOT_CONNECT_NOW
 _SQLSTATE_INVALID_PASSWORD: Final = "28P01"  # noqa: S105 - an SQLSTATE
 _SQLSTATE_UNDEFINED_OBJECT: Final = "42704"
 
@@ -170,8 +175,8 @@ _REQUIRE_AUTH_REASONS: Final = {
     _AUTH_SASL_FIN: "server requested SASL authentication",
 }
 
-_SCRAM: Final = "SCRAM-SHA-256"
-_SCRAM_PLUS: Final = "SCRAM-SHA-256-PLUS"
+_SCRAM: Final = SCRAM_SHA_256
+_SCRAM_PLUS: Final = SCRAM_SHA_256_PLUS
 
 
 def _check_peer(required: str, peer_uid: int | None) -> Error | None:
@@ -215,7 +220,7 @@ _RESULT_TYPES: Final = frozenset(b"CTDIGHWdcnst123")
 
 #: The step names used in attempt records, by status.
 _STEP_NAMES: Final = {
-    _S.NEEDED: "resolving the host",
+    _S.NEEDED: RESOLVING_STEP,
     _S.STARTED: "opening the connection",
     _S.MADE: "sending the startup packet",
     _S.SSL_STARTUP: "SSL negotiation",
@@ -698,8 +703,7 @@ class ConnectionStateMachine:
         self._events.append(AttemptFailed(attempt=attempt, next=outcome))
         self._close_transport()
         if outcome == _HARD:
-            self._set(Input.FAILED)
-            self._error = ConnectError(self._attempts)
+            self._give_up()
             return
         self._set(Input.RETRY)
         if outcome == _FALLBACK:
@@ -728,8 +732,7 @@ class ConnectionStateMachine:
                     self._host_index = 0
                 else:
                     self._host_index = len(self._hosts)
-                    self._set(Input.FAILED)
-                    self._error = ConnectError(self._attempts)
+                    self._give_up()
                     return
             host = self._hosts[self._host_index]
             self._host = host
@@ -770,6 +773,11 @@ class ConnectionStateMachine:
                 continue
             self._start_addresses([Address(kind="unix", address=path, port=host.port)])
             return
+
+    def _give_up(self) -> None:
+        """Nothing is left to try: FAILED, with every attempt in the error."""
+        self._set(Input.FAILED)
+        self._error = ConnectError(self._attempts)
 
     def _hosts_left(self) -> bool:
         """Is there another host to try after the current one?"""
@@ -892,12 +900,19 @@ class ConnectionStateMachine:
 
     def _next_message(self) -> _wire.Message | None:
         if self._tls is not None:
-            plaintext = self._tls.receive()
-            if plaintext:
-                self._in.feed(plaintext)
-            if self._tls.eof:
-                self._eof = True
+            self._pull_tls()
         return self._in.next_message()
+
+    def _pull_tls(self) -> None:
+        """Move what TLS can decrypt now into the receive buffer; a
+        close_notify is the end of the stream."""
+        tls = self._tls
+        assert tls is not None
+        plaintext = tls.receive()
+        if plaintext:
+            self._in.feed(plaintext)
+        if tls.eof:
+            self._eof = True
 
     # MADE: send SSLRequest, begin direct TLS, or send the startup packet.
 
@@ -911,8 +926,9 @@ class ConnectionStateMachine:
                 self._out += _wire.ssl_request()
                 self._set(Input.SSL_REQUEST_SENT)
             return True
+        # The receive buffer frames with _auth_limit until AuthenticationOk
+        # (_reset_server_state made it so).
         self._write(_wire.startup_message(self._startup_parameters(), self._pversion))
-        self._in.set_limit(_auth_limit)
         self._set(Input.STARTUP_SENT)
         return True
 
@@ -1055,7 +1071,7 @@ class ConnectionStateMachine:
             if self._negotiated:
                 raise RemoteProtocolError("received duplicate protocol negotiation message")
             self._negotiate(message.body)
-        else:
+        else:  # pragma: no cover - _auth_limit refuses other types while framing
             raise RemoteProtocolError(
                 "expected authentication request from server, but received "
                 f"{kind.decode('latin-1')!r}"
@@ -1246,7 +1262,7 @@ class ConnectionStateMachine:
         scram = ScramClient(
             mechanism=selected,
             password=password,
-            nonce_bytes=self._random_bytes(18),
+            nonce_bytes=self._random_bytes(NONCE_LENGTH),
             channel_binding=flag,
             cb_data=cb_data,
             client_key=client_key,

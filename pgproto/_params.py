@@ -19,7 +19,6 @@ Every value remembers where it came from (:class:`Source`).  The result,
 from __future__ import annotations
 
 import enum
-import os
 import re
 import stat
 from collections.abc import Hashable, Mapping
@@ -29,9 +28,15 @@ from typing import Final
 from ._conninfo import is_conninfo_string, parse_conninfo
 from ._environment import Environment
 from ._errors import ConninfoError
-from ._files import ServiceSetting, password_from_file, read_service
+from ._files import (
+    FileSignature,
+    ServiceSetting,
+    file_signature,
+    password_from_file,
+    read_service,
+)
 from ._options import OPTION_BY_KEYWORD, OPTIONS, SECRET_KEYWORDS, ConninfoOption
-from ._scram import pg_b64decode
+from ._scram import KEY_LENGTH, pg_b64decode
 
 __all__ = [
     "AuthRequirement",
@@ -287,9 +292,9 @@ def resolve_params(
 
     key = (conninfo, expand_dbname, tuple(kwargs.items()), env.key())
     hit = _RESOLVED.get(key)
-    if hit is not None and all(_signature(path) == sig for path, sig in hit[1]):
+    if hit is not None and all(file_signature(path) == sig for path, sig in hit[1]):
         return hit[0]
-    files: list[tuple[str, _Signature]] = []
+    files: list[tuple[str, FileSignature]] = []
 
     values: dict[str, str | None] = {}
     sources: dict[str, Source] = {}
@@ -310,18 +315,9 @@ def resolve_params(
 # taken before reading, so a change while reading also invalidates the entry.
 # A password file that would draw a warning is never cached, so the warning
 # repeats as it does in libpq.  ConnParams is immutable, so sharing is safe.
-_Signature = tuple[int, ...] | None
-_WARNED: Final[_Signature] = (-1,)
-_RESOLVED: dict[Hashable, tuple[ConnParams, tuple[tuple[str, _Signature], ...]]] = {}
+_WARNED: Final[FileSignature] = (-1,)
+_RESOLVED: dict[Hashable, tuple[ConnParams, tuple[tuple[str, FileSignature], ...]]] = {}
 _RESOLVED_SIZE: Final = 32
-
-
-def _signature(path: str) -> _Signature:
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    return (st.st_mode, st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def conninfo_defaults(*, env: Environment | None = None) -> list[ConninfoOption]:
@@ -379,7 +375,7 @@ def _add_defaults(
     env: Environment,
     *,
     service_errors: bool,
-    files: list[tuple[str, _Signature]] | None = None,
+    files: list[tuple[str, FileSignature]] | None = None,
 ) -> None:
     """``conninfo_add_defaults``: service file, environment, compiled defaults."""
     environ = env.environ
@@ -429,7 +425,7 @@ def _apply_service(
     values: dict[str, str | None],
     sources: dict[str, Source],
     env: Environment,
-    files: list[tuple[str, _Signature]] | None,
+    files: list[tuple[str, FileSignature]] | None,
 ) -> None:
     environ = env.environ
     user_file = environ.get("PGSERVICEFILE")
@@ -447,7 +443,7 @@ def _apply_service(
 
     system_file = f"{sysconfdir}/pg_service.conf"
     if files is not None:
-        files.extend((path, _signature(path)) for path in (user_file, system_file) if path)
+        files.extend((path, file_signature(path)) for path in (user_file, system_file) if path)
     read_service(
         service,
         apply,
@@ -465,7 +461,7 @@ def _connect_options(
     values: dict[str, str | None],
     sources: dict[str, Source],
     env: Environment,
-    files: list[tuple[str, _Signature]],
+    files: list[tuple[str, FileSignature]],
 ) -> ConnParams:
     """Derived defaults and validation, in libpq's order."""
     drafts = _host_list(values, sources, env)
@@ -642,7 +638,7 @@ def _passwords(
     values: dict[str, str | None],
     sources: dict[str, Source],
     env: Environment,
-    files: list[tuple[str, _Signature]],
+    files: list[tuple[str, FileSignature]],
 ) -> tuple[HostParams, ...]:
     """Attach to each host the password it would get, and finish its entry."""
     password = values.get("password") or None
@@ -654,7 +650,7 @@ def _passwords(
             passfile = values["passfile"] = f"{env.home}/.pgpass"
             sources["passfile"] = Source(SourceKind.DERIVED, detail="~/.pgpass")
         if passfile is not None:
-            sig = _signature(passfile)
+            sig = file_signature(passfile)
             if sig is not None and (
                 not stat.S_ISREG(sig[0]) or sig[0] & (stat.S_IRWXG | stat.S_IRWXO)
             ):
@@ -874,9 +870,6 @@ def _protocol_version(value: str, keyword: str) -> tuple[int, int]:
     return version
 
 
-_SCRAM_KEY_LENGTH: Final = 32
-
-
 def _scram_key(values: Mapping[str, str | None], which: str) -> bytes | None:
     value = values.get(f"scram_{which}_key")
     if value is None:
@@ -884,7 +877,7 @@ def _scram_key(values: Mapping[str, str | None], which: str) -> bytes | None:
     key = _pg_b64_decode(value)
     if key is None:
         raise ConninfoError(f"invalid SCRAM {which} key", keyword=f"scram_{which}_key")
-    if len(key) != _SCRAM_KEY_LENGTH:
+    if len(key) != KEY_LENGTH:
         raise ConninfoError(
             f"invalid SCRAM {which} key length: {len(key)}", keyword=f"scram_{which}_key"
         )

@@ -82,6 +82,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
 from pgproto._errors import LocalProtocolError, PgprotoWarning, TLSError
+from pgproto._files import FileSignature, file_signature
 
 if TYPE_CHECKING:
     from pgproto._params import ConnParams, HostParams
@@ -266,37 +267,26 @@ def create_context(settings: TLSSettings) -> TLSContextInfo:
     return info
 
 
-_Signature = tuple[int, ...] | None
-_CONTEXTS: dict[tuple[object, ...], tuple[TLSContextInfo, tuple[_Signature, ...]]] = {}
+_CONTEXTS: dict[tuple[object, ...], tuple[TLSContextInfo, tuple[FileSignature, ...]]] = {}
 _CONTEXTS_SIZE: Final = 8
 
 
-def _signature(path: str | None) -> _Signature:
-    if path is None:
-        return None
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    return (st.st_mode, st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def _context_files(settings: TLSSettings) -> tuple[_Signature, ...] | None:
+def _context_files(settings: TLSSettings) -> tuple[FileSignature, ...] | None:
     """The signatures of every file a context for *settings* is built from,
     or None when such a context must not be cached."""
     if settings.key_passphrase_hook is not None or settings.sslkeylogfile or settings.sslcrldir:
         return None
     root = settings.sslrootcert or _user_file(settings.home, "root.crt")
-    root_files: tuple[_Signature, ...]
+    root_files: tuple[FileSignature, ...]
     if root == "system":
         paths = ssl.get_default_verify_paths()
-        root_files = (_signature(paths.cafile), _signature(paths.capath))
+        root_files = (file_signature(paths.cafile), file_signature(paths.capath))
     else:
-        root_files = (_signature(root),)
+        root_files = (file_signature(root),)
     crl = settings.sslcrl or _user_file(settings.home, "root.crl")
     cert = settings.sslcert or _user_file(settings.home, "postgresql.crt")
     key = settings.sslkey or _user_file(settings.home, "postgresql.key")
-    return (*root_files, _signature(crl), _signature(cert), _signature(key))
+    return (*root_files, file_signature(crl), file_signature(cert), file_signature(key))
 
 
 def _build_context(settings: TLSSettings) -> TLSContextInfo:
