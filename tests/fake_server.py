@@ -27,13 +27,16 @@ from pgproto import (
     NEED_DATA,
     CloseConnection,
     ConnectionStateMachine,
+    ConnStatus,
     Environment,
     Event,
     OpenConnection,
     PollingStatus,
     ResolveHost,
     StartTimer,
+    StatusChanged,
 )
+from pgproto._states import TRANSITIONS
 
 #: resolve_params, typed loosely: option values come from dicts.
 _resolve: Callable[..., pgproto.ConnParams] = pgproto.resolve_params
@@ -48,6 +51,7 @@ __all__ = [
     "ClientMessage",
     "Harness",
     "ScramServer",
+    "assert_transitions",
     "auth",
     "backend_key",
     "client_messages",
@@ -68,6 +72,8 @@ __all__ = [
     "sasl",
     "startup_done",
     "startup_parameters",
+    "status_of",
+    "statuses",
 ]
 
 #: An isolated process environment: no PG* variables, no home (so no
@@ -401,3 +407,23 @@ def connect_error(harness: Harness, turns: Iterable[bytes] = ()) -> pgproto.Conn
     except pgproto.ConnectError as exc:
         return exc
     raise AssertionError(f"no ConnectError; machine status {harness.machine.status.name}")
+
+
+def status_of(m: ConnectionStateMachine) -> ConnStatus:
+    """The machine's status (a function, not the property: mypy would
+    narrow ``m.status`` across calls)."""
+    return m.status
+
+
+def statuses(events: list[Event]) -> list[ConnStatus]:
+    """The statuses of the StatusChanged events among *events*."""
+    return [e.status for e in events if isinstance(e, StatusChanged)]
+
+
+def assert_transitions(events: list[Event], start: ConnStatus = ConnStatus.NEEDED) -> None:
+    """Every StatusChanged is a step the TRANSITIONS table allows."""
+    allowed = {(old, new) for (old, _), new in TRANSITIONS.items()}
+    current = start
+    for status in statuses(events):
+        assert (current, status) in allowed, f"{current.name} -> {status.name}"
+        current = status

@@ -31,6 +31,7 @@ from fake_server import (
     SSL_REQUEST,
     TERMINATE,
     Harness,
+    assert_transitions,
     backend_key,
     client_messages,
     connect_error,
@@ -42,6 +43,8 @@ from fake_server import (
     ready,
     startup_done,
     startup_parameters,
+    status_of,
+    statuses,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -99,24 +102,6 @@ def cancel_request(pid: int, key: bytes) -> bytes:
 def test_expected_bytes_are_self_consistent() -> None:
     assert cancel_request(PID, KEY) == CANCEL_BYTES
     assert len(CANCEL_BYTES) == 16
-
-
-def status_of(m: ConnectionStateMachine) -> ConnStatus:
-    # A function, not the property: mypy would narrow ``m.status`` across calls.
-    return m.status
-
-
-def statuses(events: list[Event]) -> list[ConnStatus]:
-    return [e.status for e in events if isinstance(e, StatusChanged)]
-
-
-def assert_transitions(events: list[Event], start: ConnStatus = _S.NEEDED) -> None:
-    """Every StatusChanged is a step the TRANSITIONS table allows."""
-    allowed = {(old, new) for (old, _), new in TRANSITIONS.items()}
-    current = start
-    for status in statuses(events):
-        assert (current, status) in allowed, f"{current.name} -> {status.name}"
-        current = status
 
 
 def drain(m: ConnectionStateMachine) -> list[Event]:

@@ -26,6 +26,7 @@ from fake_server import (
     TERMINATE,
     Harness,
     ScramServer,
+    assert_transitions,
     auth,
     backend_key,
     client_messages,
@@ -44,6 +45,8 @@ from fake_server import (
     sasl,
     startup_done,
     startup_parameters,
+    status_of,
+    statuses,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -106,26 +109,8 @@ BAD_PASSWORD = error_response("28P01", 'password authentication failed for user 
 NO_HBA = error_response("28000", 'no pg_hba.conf entry for host "192.0.2.99", user "alice"')
 
 
-def status(m: pgproto.ConnectionStateMachine) -> ConnStatus:
-    # A function, not the property: mypy would narrow ``m.status`` across calls.
-    return m.status
-
-
 def busy(m: pgproto.ConnectionStateMachine) -> bool:
     return m.query_in_progress
-
-
-def statuses(events: list[Event]) -> list[ConnStatus]:
-    return [e.status for e in events if isinstance(e, StatusChanged)]
-
-
-def assert_transitions(events: list[Event], start: ConnStatus = _S.NEEDED) -> None:
-    """Every StatusChanged is a step the TRANSITIONS table allows."""
-    allowed = {(old, new) for (old, _), new in TRANSITIONS.items()}
-    current = start
-    for status in statuses(events):
-        assert (current, status) in allowed, f"{current.name} -> {status.name}"
-        current = status
 
 
 def visible(harness: Harness, exc: BaseException | None = None) -> Iterator[str]:
@@ -187,7 +172,7 @@ def test_transition_table_shape() -> None:
 
 def test_poll_contract_through_a_trust_connection() -> None:
     m = make_machine()
-    assert status(m) is _S.NEEDED
+    assert status_of(m) is _S.NEEDED
     assert m.error is None
     assert m.attempts == ()
 
@@ -227,7 +212,7 @@ def test_poll_contract_through_a_trust_connection() -> None:
     for _ in range(3):
         assert m.next_event() is NEED_DATA
         assert m.poll() is READING
-        assert status(m) is _S.AWAITING_RESPONSE
+        assert status_of(m) is _S.AWAITING_RESPONSE
 
     # The rest in one chunk: every message is consumed before NEED_DATA.
     m.receive_data(whole[7:])
@@ -257,7 +242,7 @@ def test_poll_contract_through_a_trust_connection() -> None:
     assert m.poll() is OK
     assert m.next_event() is NEED_DATA
     assert m.poll() is OK
-    assert status(m) is _S.OK
+    assert status_of(m) is _S.OK
     assert m.auth_method == "none"
     assert m.backend_pid == 4321
     assert m.transaction_status == "I"

@@ -238,7 +238,7 @@ def test_verify_ca_chain_failure(other_ca: trustme.CA, root_file: str) -> None:
     )
 
 
-def test_verify_ca_ignores_host_name(other_ca: trustme.CA, ca: trustme.CA, root_file: str) -> None:
+def test_verify_ca_ignores_host_name(ca: trustme.CA, root_file: str) -> None:
     engine, _, _ = connect(
         server_context(ca.issue_cert("elsewhere.example")),
         sslmode="verify-ca",
@@ -810,7 +810,7 @@ def test_key_file_problems(client_files: tuple[str, str], tmp_path: Path) -> Non
         create_context(make_settings(sslcert=cert))  # no sslkey, no home
 
 
-def test_bad_certificate_file(client_files: tuple[str, str], tmp_path: Path) -> None:
+def test_bad_certificate_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.crt"
     bad.write_text("hello\n")
     with pytest.raises(TLSError) as info:
@@ -849,9 +849,7 @@ def test_der_key_is_refused(client_files: tuple[str, str], tmp_path: Path) -> No
     )
 
 
-def test_encrypted_key_with_sslpassword(
-    ca: trustme.CA, leaf: trustme.LeafCert, client_files: tuple[str, str], tmp_path: Path
-) -> None:
+def test_encrypted_key_with_sslpassword(client_files: tuple[str, str], tmp_path: Path) -> None:
     cert, key = client_files
     locked = encrypted_key(key, tmp_path / "locked.key", SECRET)
     info = create_context(make_settings(sslcert=cert, sslkey=locked, sslpassword=SECRET))
@@ -1067,9 +1065,7 @@ def test_context_cache_sees_a_new_root_file(
         create_context(make_settings(sslmode="verify-full", sslrootcert=root_file))
 
 
-def test_context_cache_sees_a_changed_client_key(
-    client_files: tuple[str, str], tmp_path: Path
-) -> None:
+def test_context_cache_sees_a_changed_client_key(client_files: tuple[str, str]) -> None:
     cert, key = client_files
     settings = make_settings(sslcert=cert, sslkey=key)
     info = create_context(settings)

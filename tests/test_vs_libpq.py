@@ -625,24 +625,10 @@ def _smoke_cases(pg18: Cluster, pg18_notls: Cluster) -> list[Case]:
     ]
 
 
-async def _asyncio_outcome(params: dict[str, str], iso: Isolation) -> Outcome:
+async def _async_outcome(adapter: Any, params: dict[str, str], iso: Isolation) -> Outcome:
+    """Connect with an async *adapter* module (asyncio or trio), run one query."""
     try:
-        conn = await asyncio_adapter.connect(env=iso.env, **_keywords(params))
-    except Exception as exc:
-        return _pgproto_failure(exc)
-    try:
-        try:
-            user = _first_value(await conn.simple_query("select current_user"))
-        except Exception as exc:
-            user = _query_failed(exc)
-        return _pgproto_success(conn, user)
-    finally:
-        await conn.close()
-
-
-async def _trio_outcome(params: dict[str, str], iso: Isolation) -> Outcome:
-    try:
-        conn = await trio_adapter.connect(env=iso.env, **_keywords(params))
+        conn = await adapter.connect(env=iso.env, **_keywords(params))
     except Exception as exc:
         return _pgproto_failure(exc)
     try:
@@ -675,7 +661,7 @@ def test_asyncio_adapter(
         _smoke_cases(pg18, pg18_notls),
         tls_material,
         isolated,
-        lambda params: asyncio.run(_asyncio_outcome(params, isolated)),
+        lambda params: asyncio.run(_async_outcome(asyncio_adapter, params, isolated)),
     )
     comparison.check()
     assert comparison.connected_users() == _SMOKE_CONNECTED
@@ -688,7 +674,7 @@ def test_trio_adapter(
         _smoke_cases(pg18, pg18_notls),
         tls_material,
         isolated,
-        lambda params: trio.run(_trio_outcome, params, isolated),
+        lambda params: trio.run(_async_outcome, trio_adapter, params, isolated),
     )
     comparison.check()
     assert comparison.connected_users() == _SMOKE_CONNECTED
