@@ -124,6 +124,7 @@ __all__ = [
     "first_packet_kind",
     "last_client_record_lengths",
     "measure_close_notify",
+    "set_interest",
     "tls_records",
 ]
 
@@ -342,6 +343,25 @@ class Capture:
     server_bytes: bytes
     closed: bool
     target_error: OSError | None = None
+
+
+def set_interest(
+    selector: selectors.BaseSelector, sock: socket.socket, mask: int, data: object
+) -> None:
+    """Have *selector* watch *sock* for exactly the events in *mask* (none:
+    unregister it), with *data* attached; nothing is done if it already does."""
+    try:
+        registered = selector.get_key(sock).events
+    except KeyError:
+        registered = 0
+    if mask == registered:
+        return
+    if not mask:
+        selector.unregister(sock)
+    elif not registered:
+        selector.register(sock, mask, data)
+    else:
+        selector.modify(sock, mask, data)
 
 
 _READ_CHUNK: Final = 65536
@@ -646,18 +666,7 @@ class CaptureRelay:
         if conn.up.wants_read():
             client_mask |= selectors.EVENT_READ
         for sock, mask in ((conn.client, client_mask), (conn.server, server_mask)):
-            try:
-                registered = self._selector.get_key(sock).events
-            except KeyError:
-                registered = 0
-            if mask == registered:
-                continue
-            if not mask:
-                self._selector.unregister(sock)
-            elif not registered:
-                self._selector.register(sock, mask, conn)
-            else:
-                self._selector.modify(sock, mask, conn)
+            set_interest(self._selector, sock, mask, conn)
 
     def _finish(self, conn: _Conn) -> None:
         self._close_sock(conn.client)

@@ -91,12 +91,16 @@ Endpoints that fail in known ways, all on 127.0.0.1:
 
 ``multi_host_conninfo((host, port), ...)`` combines any of these (and
 clusters' ``(host, port)``) into one connection string.
+
+``no_pg_environment`` (not autouse) removes every ``PG*`` environment
+variable for the duration of a test, so that none reaches pgproto, libpq or
+psycopg.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
+import os
 import selectors
 import socket
 import threading
@@ -106,7 +110,13 @@ from typing import Any, Final
 
 import pytest
 import trustme
-from pgproto_adapters._cluster import Cluster, PgBouncer, TLSFiles, find_binaries
+from pgproto_adapters._cluster import (
+    Cluster,
+    PgBouncer,
+    TLSFiles,
+    _conninfo_value,
+    find_binaries,
+)
 
 __all__ = [
     "PGBOUNCER_USERS",
@@ -123,6 +133,7 @@ __all__ = [
     "connect_params",
     "hba_lines",
     "multi_host_conninfo",
+    "no_pg_environment",
     "pg15",
     "pg18",
     "pg18_notls",
@@ -251,6 +262,17 @@ def connect_params(
     return params
 
 
+@pytest.fixture
+def no_pg_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ``PG*`` variable reaches pgproto, libpq or psycopg during the test.
+
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("no_pg_environment")``.
+    """
+    for key in list(os.environ):
+        if key.startswith("PG"):
+            monkeypatch.delenv(key)
+
+
 @pytest.fixture(scope="session")
 def tls_material(tmp_path_factory: pytest.TempPathFactory) -> TLSMaterial:
     """The CA, server, wrong-name and client certificates (keys are 0600, as libpq wants)."""
@@ -370,12 +392,6 @@ def cluster_factory() -> Iterator[Callable[..., Cluster]]:
 #: only after seconds, or with "Temporary failure in name resolution".
 #: ``test_testbed`` fails if resolution takes longer than a few seconds.
 UNRESOLVABLE_HOST: Final = "no!such!host.invalid"
-
-
-def _conninfo_value(value: str) -> str:
-    if value and not re.search(r"[\s'\\]", value):
-        return value
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def multi_host_conninfo(*endpoints: tuple[str, int], **params: str | int) -> str:

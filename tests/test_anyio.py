@@ -52,13 +52,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -71,6 +72,7 @@ import trio
 from capture import CaptureRelay, client_tls_start, contains_plaintext_cancel, first_packet_kind
 from fdcheck import assert_no_fd_leak
 from libpq_oracle import ping as libpq_ping
+from pg_admin import SLEEP_SQL, Admin, activity, admin_session, running, until
 from pgproto_adapters import anyio as pa
 from pgproto_adapters import asyncio as asyncio_adapter
 from pgproto_adapters import blocking
@@ -81,7 +83,7 @@ from servers import ROLES, SilentListener, TLSMaterial, connect_params, multi_ho
 import pgproto
 from pgproto import ConnectError, ConnectionClosed, ConnStatus, Ping, ServerError
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("no_pg_environment")]
 
 #: How long a test waits for something that should happen soon.
 PATIENCE: Final = 10.0
@@ -89,25 +91,16 @@ PATIENCE: Final = 10.0
 SLACK: Final = 8.0
 #: The issue's bound between cancel() and the query's error.
 CANCEL_BOUND: Final = 1.0
-SLEEP_SQL: Final = "select pg_sleep(30)"
 SCRAM_PASSWORD: Final = ROLES["scram_user"].password or ""
 ROOT: Final = Path(__file__).resolve().parent.parent
-
-Admin = psycopg.Connection[tuple[Any, ...]]
+#: Wait for the server with :func:`pg_admin.until`, polling every 5 ms.
+_until = functools.partial(until, patience=PATIENCE, period=0.005)
 
 
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     backend: str = request.param
     return backend
-
-
-@pytest.fixture(autouse=True)
-def _no_pg_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No ``PG*`` variable reaches pgproto, libpq or psycopg."""
-    for key in list(os.environ):
-        if key.startswith("PG"):
-            monkeypatch.delenv(key)
 
 
 # --------------------------------------------------------------------------
@@ -127,41 +120,6 @@ def _params(server: Cluster, transport: str, tls: TLSMaterial, **extra: str) -> 
         server, transport, tls, user="scram_user", password=SCRAM_PASSWORD, **extra
     )
     return params
-
-
-@contextlib.contextmanager
-def _admin(server: Cluster) -> Iterator[Admin]:
-    """A superuser session (psycopg, autocommit) on *server*."""
-    conn = psycopg.connect(
-        host=str(server.socket_dir),
-        port=server.port,
-        user="postgres",
-        dbname="postgres",
-        autocommit=True,
-    )
-    with conn:
-        yield conn
-
-
-def _activity(admin: Admin, pid: int | None) -> tuple[str | None, str | None] | None:
-    """``(state, query)`` of backend *pid* in pg_stat_activity, None if it is gone."""
-    row = admin.execute(
-        "select state, query from pg_stat_activity where pid = %s", (pid,)
-    ).fetchone()
-    return None if row is None else (row[0], row[1])
-
-
-def _running(admin: Admin, pid: int | None, sql: str = SLEEP_SQL) -> bool:
-    return _activity(admin, pid) == ("active", sql)
-
-
-async def _until(check: Callable[[], bool], what: str) -> None:
-    """Poll *check* every 5 ms until it holds; fail after :data:`PATIENCE`."""
-    deadline = time.monotonic() + PATIENCE
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await anyio.sleep(0.005)
 
 
 async def _value(conn: pa.Connection, sql: str) -> str | None:
@@ -190,7 +148,7 @@ async def test_connect_direct_tls(pg18: Cluster, tls_material: TLSMaterial) -> N
 async def _check_connect(server: Cluster, tls: TLSMaterial, transport: str) -> None:
     params = _params(server, transport, tls, application_name="pgproto-anyio")
     encrypted = transport in ("tls", "direct")
-    with anyio.fail_after(PATIENCE), _admin(server) as admin:
+    with anyio.fail_after(PATIENCE), admin_session(server) as admin:
         conn = await pa.connect(**params)
         try:
             pid = conn.backend_pid
@@ -241,7 +199,7 @@ async def _check_connect(server: Cluster, tls: TLSMaterial, transport: str) -> N
                 )
             ]
             assert result.tag == "SELECT 1"
-            assert _activity(admin, pid) is not None
+            assert activity(admin, pid) is not None
         finally:
             await conn.close()
         assert conn.closed
@@ -252,7 +210,7 @@ async def _check_connect(server: Cluster, tls: TLSMaterial, transport: str) -> N
         with pytest.raises(ConnectionClosed):
             await conn.cancel()
         # Terminate reached the server: the backend goes away.
-        await _until(lambda: _activity(admin, pid) is None, "the backend to exit")
+        await _until(lambda: activity(admin, pid) is None, "the backend to exit")
 
         # The async context manager closes, on success and on error.
         async with await pa.connect(**params) as conn2:
@@ -272,7 +230,7 @@ async def _check_connect(server: Cluster, tls: TLSMaterial, transport: str) -> N
         pid3 = conn3.backend_pid
         assert conn3.closed
         await _until(
-            lambda: _activity(admin, pid2) is None and _activity(admin, pid3) is None,
+            lambda: activity(admin, pid2) is None and activity(admin, pid3) is None,
             "the backends to exit",
         )
 
@@ -349,7 +307,7 @@ async def test_reset_after_terminate(
     """The backend is terminated by another session; reset() connects anew,
     whether or not the connection noticed (a failed query) first."""
     params = _params(pg_server, transport, tls_material, application_name="before")
-    with anyio.fail_after(PATIENCE), _admin(pg_server) as admin:
+    with anyio.fail_after(PATIENCE), admin_session(pg_server) as admin:
         conn = await pa.connect(**params)
         try:
             old = conn.backend_pid
@@ -357,7 +315,7 @@ async def test_reset_after_terminate(
             assert conn.server_parameters["application_name"] == "changed"
             [(terminated,)] = admin.execute("select pg_terminate_backend(%s)", (old,)).fetchall()
             assert terminated is True
-            await _until(lambda: _activity(admin, old) is None, "the backend to exit")
+            await _until(lambda: activity(admin, old) is None, "the backend to exit")
             if observed:
                 # (Which error: see test_query_on_a_terminated_backend.)
                 with pytest.raises((ServerError, pgproto.TransportError)):
@@ -370,7 +328,7 @@ async def test_reset_after_terminate(
             assert conn.server_parameters["application_name"] == "before"
             assert conn.transaction_status == "I"
             assert await _value(conn, "select pg_backend_pid()") == str(conn.backend_pid)
-            assert _activity(admin, conn.backend_pid) == ("idle", "select pg_backend_pid()")
+            assert activity(admin, conn.backend_pid) == ("idle", "select pg_backend_pid()")
         finally:
             await conn.close()
 
@@ -385,12 +343,12 @@ async def test_query_on_a_terminated_backend(
     the adapter's ``notifies()`` does for a connection that breaks while it
     waits."""
     params = _params(pg18, transport, tls_material)
-    with anyio.fail_after(PATIENCE), _admin(pg18) as admin:
+    with anyio.fail_after(PATIENCE), admin_session(pg18) as admin:
         # libpq, for the record.
         libpq = psycopg.connect(**params)
         with libpq:
             admin.execute("select pg_terminate_backend(%s)", (libpq.info.backend_pid,))
-            await _until(lambda: _activity(admin, libpq.info.backend_pid) is None, "exit")
+            await _until(lambda: activity(admin, libpq.info.backend_pid) is None, "exit")
             with pytest.raises(psycopg.errors.AdminShutdown):
                 libpq.execute("select 1")
 
@@ -398,7 +356,7 @@ async def test_query_on_a_terminated_backend(
         try:
             pid = conn.backend_pid
             admin.execute("select pg_terminate_backend(%s)", (pid,))
-            await _until(lambda: _activity(admin, pid) is None, "the backend to exit")
+            await _until(lambda: activity(admin, pid) is None, "the backend to exit")
             with pytest.raises(ServerError) as caught:
                 await conn.simple_query("select 1")
             assert caught.value.sqlstate == "57P01"
@@ -515,7 +473,7 @@ async def _check_cancel(server: Cluster, tls: TLSMaterial, transport: str) -> No
             if transport == "tls":
                 extra["sslnegotiation"] = "postgres"
         params = _params(server, transport, tls, **extra)
-        admin = stack.enter_context(_admin(server))
+        admin = stack.enter_context(admin_session(server))
         with anyio.fail_after(PATIENCE):
             conn = await pa.connect(**params)
         async with conn:
@@ -531,7 +489,7 @@ async def _check_cancel(server: Cluster, tls: TLSMaterial, transport: str) -> No
             with anyio.fail_after(PATIENCE):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(sleeper)
-                    await _until(lambda: _running(admin, pid), "pg_sleep to run")
+                    await _until(lambda: running(admin, pid), "pg_sleep to run")
                     start = time.monotonic()
                     await conn.cancel()
             [(error, when)] = caught
@@ -582,7 +540,7 @@ async def _scope_cancel(
     with anyio.fail_after(PATIENCE * 2):
         async with anyio.create_task_group() as tg:
             scope = await tg.start(victim)
-            await _until(lambda: _running(admin, pid), "pg_sleep to run")
+            await _until(lambda: running(admin, pid), "pg_sleep to run")
             start = time.monotonic()
             if trigger == "cancel":
                 scope.cancel()
@@ -598,7 +556,7 @@ async def test_query_cancelled_by_scope(
     pg_server: Cluster, tls_material: TLSMaterial, transport: str, trigger: str
 ) -> None:
     params = _params(pg_server, transport, tls_material)
-    with _admin(pg_server) as admin:
+    with admin_session(pg_server) as admin:
         with anyio.fail_after(PATIENCE):
             conn = await pa.connect(**params)
         async with conn:
@@ -609,7 +567,7 @@ async def test_query_cancelled_by_scope(
             assert not conn.closed
             assert conn.transaction_status == "I"
             # The server ran it to its cancellation: nothing active for that pid.
-            assert _activity(admin, pid) == ("idle", SLEEP_SQL)
+            assert activity(admin, pid) == ("idle", SLEEP_SQL)
             with anyio.fail_after(PATIENCE):
                 assert await _value(conn, "select 1") == "1"
             assert conn.backend_pid == pid
@@ -624,7 +582,7 @@ async def test_query_cancelled_by_scope_in_a_transaction(
     pg18: Cluster, tls_material: TLSMaterial
 ) -> None:
     params = _params(pg18, "tls", tls_material)
-    with _admin(pg18) as admin:
+    with admin_session(pg18) as admin:
         with anyio.fail_after(PATIENCE):
             conn = await pa.connect(**params)
         async with conn:
@@ -636,7 +594,7 @@ async def test_query_cancelled_by_scope_in_a_transaction(
             assert elapsed < SLACK
             assert not conn.closed
             assert conn.transaction_status == "E"
-            assert _activity(admin, pid) == ("idle in transaction (aborted)", SLEEP_SQL)
+            assert activity(admin, pid) == ("idle in transaction (aborted)", SLEEP_SQL)
             with anyio.fail_after(PATIENCE):
                 with pytest.raises(ServerError) as caught:
                     await conn.simple_query("select 1")
@@ -858,7 +816,7 @@ async def test_default_notice_handler_is_silent_without_logging_config(
 def _notify(server: Cluster, count: int, *, one_transaction: bool, start: int = 0) -> int:
     """Send *count* notifications on ``ch`` (payloads start, start+1, ...)
     from a new session; its backend pid."""
-    with _admin(server) as other:
+    with admin_session(server) as other:
         pid = other.info.backend_pid
         if one_transaction:
             with other.transaction():
@@ -974,7 +932,7 @@ async def test_notifies_cancelled_by_scope(pg18: Cluster, tls_material: TLSMater
 async def test_close_wakes_a_notifies_waiter(pg18: Cluster, tls_material: TLSMaterial) -> None:
     """A task waiting in ``notifies()`` (parked in its idle read) gets
     ConnectionClosed when another task closes the connection."""
-    with anyio.fail_after(PATIENCE), _admin(pg18) as admin:
+    with anyio.fail_after(PATIENCE), admin_session(pg18) as admin:
         conn = await pa.connect(**_params(pg18, "tls", tls_material))
         pid = conn.backend_pid
         await conn.simple_query("listen ch")
@@ -999,13 +957,13 @@ async def test_close_wakes_a_notifies_waiter(pg18: Cluster, tls_material: TLSMat
         assert len(outcome) == 1
         assert isinstance(outcome[0], ConnectionClosed)
         assert conn.closed
-        await _until(lambda: _activity(admin, pid) is None, "the backend to exit")
+        await _until(lambda: activity(admin, pid) is None, "the backend to exit")
 
 
 async def test_close_wakes_a_running_query(pg18: Cluster, tls_material: TLSMaterial) -> None:
     """A task waiting for a query's result gets ConnectionClosed when another
     task closes the connection."""
-    with anyio.fail_after(PATIENCE), _admin(pg18) as admin:
+    with anyio.fail_after(PATIENCE), admin_session(pg18) as admin:
         conn = await pa.connect(**_params(pg18, "unix", tls_material))
         pid = conn.backend_pid
         outcome: list[BaseException] = []
@@ -1019,7 +977,7 @@ async def test_close_wakes_a_running_query(pg18: Cluster, tls_material: TLSMater
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(sleeper)
-                await _until(lambda: _running(admin, pid), "pg_sleep to run")
+                await _until(lambda: running(admin, pid), "pg_sleep to run")
                 await conn.close()
             assert len(outcome) == 1
             assert conn.closed

@@ -104,7 +104,7 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
-import os
+import functools
 import selectors
 import signal
 import socket
@@ -116,10 +116,13 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Final, TypeVar
 
 import anyio
-import psycopg
+import pg_admin
 import pytest
 import trio
+from capture import set_interest
+from fake_server import AUTH_OK, SSL_REQUEST
 from fdcheck import assert_no_fd_leak, describe_fds, open_fds
+from pg_admin import SLEEP_SQL, Admin, admin_session, running
 from pgproto_adapters import anyio as anyio_adapter
 from pgproto_adapters import asyncio as asyncio_adapter
 from pgproto_adapters import blocking
@@ -141,7 +144,6 @@ HANG: Final = 40.0
 #: How much the relay reads at once.
 RELAY_CHUNK: Final = 65536
 
-SLEEP_SQL: Final = "select pg_sleep(30)"
 #: Two rows of 100 kB, then a 30 s sleep before the third: the first row
 #: reaches the client (PostgreSQL flushes its 8 kB buffer as the second is
 #: written), then nothing comes until the query ends or is cancelled.
@@ -155,25 +157,21 @@ SCRAM_PASSWORD: Final = ROLES["scram_user"].password or ""
 CHECK_CLIENT: Final = "-c client_connection_check_interval=100"
 QUERY_CANCELED: Final = "57014"
 
-Admin = psycopg.Connection[tuple[Any, ...]]
+#: (state, query, wait_event) of a backend, None if it is gone.
+activity = functools.partial(pg_admin.activity, columns=("state", "query", "wait_event"))
+#: Poll every 2 ms; fail after :data:`PATIENCE`.
+wait_until = functools.partial(pg_admin.wait_until, patience=PATIENCE, period=0.002)
+#: :func:`wait_until` in any event loop, polling every 5 ms.
+until = functools.partial(pg_admin.until, patience=PATIENCE, period=0.005)
 
-
-@pytest.fixture(autouse=True)
-def _no_pg_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No ``PG*`` variable reaches pgproto or psycopg."""
-    for key in list(os.environ):
-        if key.startswith("PG"):
-            monkeypatch.delenv(key)
+pytestmark = pytest.mark.usefixtures("no_pg_environment")
 
 
 @pytest.fixture(scope="module")
 def admin(pg18: Cluster) -> Iterator[Admin]:
     """A superuser session on pg18 (psycopg, autocommit: every query sees
     fresh statistics)."""
-    with psycopg.connect(
-        host=str(pg18.socket_dir), port=pg18.port, user="postgres", dbname="postgres"
-    ) as conn:
-        conn.autocommit = True
+    with admin_session(pg18) as conn:
         yield conn
 
 
@@ -426,7 +424,7 @@ class Relay:
             message = bytes(gate[:end])
             del gate[:end]
             link.to_client += message
-            if message == AUTHENTICATION_OK:
+            if message == AUTH_OK:
                 self._held = True
 
     def _update(self, link: Link) -> None:
@@ -443,22 +441,7 @@ class Relay:
         if link.to_server:
             server_mask |= selectors.EVENT_WRITE
         for sock, mask in ((link.client, client_mask), (link.server, server_mask)):
-            try:
-                registered = self._selector.get_key(sock).events
-            except KeyError:
-                registered = 0
-            if mask == registered:
-                continue
-            if not mask:
-                self._selector.unregister(sock)
-            elif not registered:
-                self._selector.register(sock, mask, link)
-            else:
-                self._selector.modify(sock, mask, link)
-
-
-AUTHENTICATION_OK: Final = b"R\x00\x00\x00\x08\x00\x00\x00\x00"
-SSL_REQUEST: Final = b"\x00\x00\x00\x08\x04\xd2\x16\x2f"
+            set_interest(self._selector, sock, mask, link)
 
 
 def _recv(sock: socket.socket) -> bytes | None:
@@ -697,14 +680,6 @@ def watched_call(call: Callable[[], object], expected: type[BaseException]) -> F
     raise AssertionError(f"{expected.__name__} was not raised")
 
 
-def activity(admin: Admin, pid: int | None) -> tuple[str | None, str | None, str | None] | None:
-    """``(state, query, wait_event)`` of backend *pid*, None if it is gone."""
-    row = admin.execute(
-        "select state, query, wait_event from pg_stat_activity where pid = %s", (pid,)
-    ).fetchone()
-    return None if row is None else (row[0], row[1], row[2])
-
-
 def on_port(admin: Admin, port: int | None) -> list[tuple[Any, ...]]:
     """The backends whose client is 127.0.0.1:*port* (the relay's side)."""
     return admin.execute(
@@ -720,29 +695,6 @@ def idle_after(admin: Admin, pid: int | None, sql: str) -> bool:
     yet).  PostgreSQL reports the idle state before it sends ReadyForQuery."""
     found = activity(admin, pid)
     return found is not None and found[:2] == ("idle", sql)
-
-
-def running(admin: Admin, pid: int | None, sql: str = SLEEP_SQL) -> bool:
-    found = activity(admin, pid)
-    return found is not None and found[:2] == ("active", sql)
-
-
-def wait_until(check: Callable[[], bool], what: str) -> None:
-    """Poll *check* (every 2 ms) until it holds; fail after :data:`PATIENCE`."""
-    deadline = time.monotonic() + PATIENCE
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.002)
-
-
-async def until(check: Callable[[], bool], what: str) -> None:
-    """:func:`wait_until` in any event loop (anyio's sleep works in all)."""
-    deadline = time.monotonic() + PATIENCE
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await anyio.sleep(0.005)
 
 
 def socket_of(watch: FdWatch) -> int:

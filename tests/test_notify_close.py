@@ -81,7 +81,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -91,7 +91,18 @@ import psycopg
 import pytest
 import trio
 from capture import CaptureRelay, client_tls_start, last_client_record_lengths, tls_records
+from fake_server import TERMINATE
 from fdcheck import assert_no_fd_leak
+from pg_admin import (
+    SLEEP_SQL,
+    Admin,
+    activity,
+    admin_session,
+    gone,
+    running,
+    until,
+    wait_until,
+)
 from pgproto_adapters import anyio as anyio_adapter
 from pgproto_adapters import asyncio as asyncio_adapter
 from pgproto_adapters import blocking
@@ -107,25 +118,23 @@ from pgproto import ConnectionClosed, NoticeResponse, NotificationResponse, Serv
 PATIENCE: Final = 10.0
 #: An upper bound for what must end long before its natural end.
 SLACK: Final = 5.0
-SLEEP_SQL: Final = "select pg_sleep(30)"
-TERMINATE: Final = b"X\x00\x00\x00\x04"
 ROOT: Final = Path(__file__).resolve().parent.parent
 #: TLS 1.3 with a 16-byte AEAD tag (see capture.py): payload = plaintext + 17.
 TLS13_OVERHEAD: Final = 17
 TLS13_SUITES: Final = frozenset(
     {"TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256", "TLS_CHACHA20_POLY1305_SHA256"}
 )
+#: (state, query, wait_event_type) of a backend, None once it is gone.
+_activity = functools.partial(activity, columns=("state", "query", "wait_event_type"))
+#: Wait for the server (or for the connection to wait), polling every 5 ms.
+_until = functools.partial(until, patience=PATIENCE, period=0.005)
+#: :func:`_until` for plain threads.
+_wait_until = functools.partial(wait_until, patience=PATIENCE, period=0.005)
 
-Admin = psycopg.Connection[tuple[Any, ...]]
 Main = Callable[[], Coroutine[Any, Any, None]]
 
 
-@pytest.fixture(autouse=True)
-def _no_pg_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No ``PG*`` variable reaches pgproto or psycopg."""
-    for key in list(os.environ):
-        if key.startswith("PG"):
-            monkeypatch.delenv(key)
+pytestmark = pytest.mark.usefixtures("no_pg_environment")
 
 
 # --------------------------------------------------------------------------
@@ -311,51 +320,8 @@ def _relayed(
     return connect_params(server, transport, tls, port=str(relay.port), **where)
 
 
-@contextlib.contextmanager
-def _admin(server: Cluster) -> Iterator[Admin]:
-    """A superuser session (psycopg, autocommit) on *server*."""
-    conn = psycopg.connect(
-        host=str(server.socket_dir),
-        port=server.port,
-        user="postgres",
-        dbname="postgres",
-        autocommit=True,
-    )
-    with conn:
-        yield conn
-
-
-def _activity(admin: Admin, pid: int | None) -> tuple[Any, ...] | None:
-    """``(state, query, wait_event_type)`` of backend *pid*, None once it is gone."""
-    return admin.execute(
-        "select state, query, wait_event_type from pg_stat_activity where pid = %s", (pid,)
-    ).fetchone()
-
-
-def _gone(admin: Admin, pid: int | None) -> bool:
-    return _activity(admin, pid) is None
-
-
 def _terminate(admin: Admin, pid: int | None) -> None:
     admin.execute("select pg_terminate_backend(%s)", (pid,))
-
-
-async def _until(check: Callable[[], bool], what: str) -> None:
-    """Poll *check* every 5 ms until it holds; fail after :data:`PATIENCE`."""
-    deadline = time.monotonic() + PATIENCE
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await anyio.sleep(0.005)
-
-
-def _wait_until(check: Callable[[], bool], what: str) -> None:
-    """:func:`_until` for plain threads."""
-    deadline = time.monotonic() + PATIENCE
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 async def _value(drv: Driver, conn: ConnectionBase, sql: str) -> str | None:
@@ -385,7 +351,7 @@ Message = tuple[str, str]  # (channel, payload)
 def _send_psycopg(server: Cluster, messages: Sequence[Message], *, one_transaction: bool) -> int:
     """Send *messages* from a new psycopg session (payloads as parameters);
     its backend pid."""
-    with _admin(server) as other:
+    with admin_session(server) as other:
         pid = other.info.backend_pid
         block: contextlib.AbstractContextManager[Any] = (
             other.transaction() if one_transaction else contextlib.nullcontext()
@@ -548,7 +514,7 @@ def test_notifications_during_a_query_are_kept(
     params = _params(pg18, "tls", tls_material)
 
     async def main() -> None:
-        with anyio.fail_after(PATIENCE), _admin(pg18) as admin, _admin(pg18) as other:
+        with anyio.fail_after(PATIENCE), admin_session(pg18) as admin, admin_session(pg18) as other:
             conn = await drv.connect(params, trace=events.append)
             pid = conn.backend_pid
             other_pid = other.info.backend_pid
@@ -605,7 +571,7 @@ def test_notifies_timeout_and_stop_after(
     params = _params(pg18, "unix", tls_material)
 
     async def main() -> None:
-        with anyio.fail_after(PATIENCE), _admin(pg18) as other:
+        with anyio.fail_after(PATIENCE), admin_session(pg18) as other:
             conn = await drv.connect(params)
             try:
                 await drv.query(conn, "listen ch")
@@ -753,7 +719,7 @@ def _notice(n: NoticeResponse) -> tuple[str, str, str | None]:
 def _libpq_notices(server: Cluster) -> list[tuple[str | None, str | None, str | None]]:
     """What libpq (psycopg's notice handler) reports for NOTICES_SQL."""
     seen: list[tuple[str | None, str | None, str | None]] = []
-    with _admin(server) as oracle:
+    with admin_session(server) as oracle:
         oracle.add_notice_handler(
             lambda d: seen.append((d.severity_nonlocalized, d.message_primary, d.sqlstate))
         )
@@ -1031,7 +997,7 @@ def test_close_sends_terminate(
     TLS followed by close_notify -- and nothing else; the backend exits at
     once; close() again does nothing; operations after it raise
     ConnectionClosed; no descriptor is left open."""
-    with _admin(pg18) as admin, CaptureRelay(pg18.host, pg18.port) as relay:
+    with admin_session(pg18) as admin, CaptureRelay(pg18.host, pg18.port) as relay:
         params = _relayed(pg18, relay, transport, tls_material)
         pids: list[int | None] = []
         before: list[bytes] = []
@@ -1067,7 +1033,7 @@ def test_close_sends_terminate(
             assert last_client_record_lengths(capture.client_bytes) == [22, 19]
             assert len(_client_records(capture.client_bytes)) - len(_client_records(before[0])) == 2
             assert len(tail) == (5 + 22) + (5 + 19)
-        _wait_until(lambda: _gone(admin, pids[0]), "the backend to exit")
+        _wait_until(lambda: gone(admin, pids[0]), "the backend to exit")
 
 
 @every_adapter
@@ -1079,7 +1045,7 @@ def test_close_sends_nothing_after_the_backend_was_terminated(
     broken: it is closed, the client's last bytes are that query (no
     Terminate, no close_notify), and close() -- twice -- sends nothing more."""
     sql = "select 'after'"
-    with _admin(pg18) as admin, CaptureRelay(pg18.host, pg18.port) as relay:
+    with admin_session(pg18) as admin, CaptureRelay(pg18.host, pg18.port) as relay:
         params = _relayed(pg18, relay, transport, tls_material)
 
         async def main() -> None:
@@ -1088,7 +1054,7 @@ def test_close_sends_nothing_after_the_backend_was_terminated(
                 pid = conn.backend_pid
                 assert await _value(drv, conn, "select 'before'") == "before"
                 _terminate(admin, pid)
-                await _until(lambda: _gone(admin, pid), "the backend to exit")
+                await _until(lambda: gone(admin, pid), "the backend to exit")
                 with pytest.raises(ServerError) as info:
                     await drv.query(conn, sql)
                 assert info.value.sqlstate == "57P01"
@@ -1119,11 +1085,11 @@ def test_close_is_quiet_after_an_unnoticed_termination(
     params = _params(pg18, "tls", tls_material)
 
     async def main() -> None:
-        with anyio.fail_after(PATIENCE), _admin(pg18) as admin:
+        with anyio.fail_after(PATIENCE), admin_session(pg18) as admin:
             conn = await drv.connect(params)
             pid = conn.backend_pid
             _terminate(admin, pid)
-            await _until(lambda: _gone(admin, pid), "the backend to exit")
+            await _until(lambda: gone(admin, pid), "the backend to exit")
             await drv.close(conn)
             await _after_close(drv, conn)
 
@@ -1140,9 +1106,9 @@ def test_query_after_termination_reports_the_servers_fatal(
     the server sent before hanging up (ServerError 57P01), as libpq does
     (psycopg: AdminShutdown), and the connection is closed."""
     params = _params(pg18, transport, tls_material)
-    with _admin(pg18) as admin, psycopg.connect(**params) as oracle:
+    with admin_session(pg18) as admin, psycopg.connect(**params) as oracle:
         _terminate(admin, oracle.info.backend_pid)
-        _wait_until(lambda: _gone(admin, oracle.info.backend_pid), "the backend to exit")
+        _wait_until(lambda: gone(admin, oracle.info.backend_pid), "the backend to exit")
         with pytest.raises(psycopg.errors.AdminShutdown):
             oracle.execute("select 1")
 
@@ -1152,7 +1118,7 @@ def test_query_after_termination_reports_the_servers_fatal(
                 try:
                     pid = conn.backend_pid
                     _terminate(admin, pid)
-                    await _until(lambda: _gone(admin, pid), "the backend to exit")
+                    await _until(lambda: gone(admin, pid), "the backend to exit")
                     with pytest.raises(ServerError) as info:
                         await drv.query(conn, "select 1")
                     assert info.value.sqlstate == "57P01"
@@ -1177,7 +1143,7 @@ def test_close_wakes_a_waiter(
     pids: list[int | None] = []
 
     async def main() -> None:
-        with anyio.fail_after(PATIENCE), _admin(pg18) as admin:
+        with anyio.fail_after(PATIENCE), admin_session(pg18) as admin:
             conn = await drv.connect(params)
             pid = conn.backend_pid
             pids.append(pid)
@@ -1200,24 +1166,21 @@ def test_close_wakes_a_waiter(
                 if waiting_in == "notifies":
                     await _until(lambda: drv.parked(conn), "notifies() to wait")
                 else:
-                    await _until(
-                        lambda: (_activity(admin, pid) or (None,) * 3)[:2] == ("active", SLEEP_SQL),
-                        "pg_sleep to run",
-                    )
+                    await _until(lambda: running(admin, pid), "pg_sleep to run")
                 closed_at = time.monotonic()
                 await drv.close(conn)
             [woken_at] = woken
             assert woken_at - closed_at < SLACK
             await _after_close(drv, conn)
             if waiting_in == "notifies":
-                await _until(lambda: _gone(admin, pid), "the backend to exit")
+                await _until(lambda: gone(admin, pid), "the backend to exit")
 
     try:
         with assert_no_fd_leak():
             drv.run(main)
     finally:
         if waiting_in == "query" and pids:
-            with _admin(pg18) as admin:  # it sleeps on: it has not read the Terminate
+            with admin_session(pg18) as admin:  # it sleeps on: it has not read the Terminate
                 _terminate(admin, pids[0])
 
 
@@ -1231,7 +1194,7 @@ def test_blocking_close_from_another_thread(
     (Terminate on the wire: the connection was healthy), and no descriptor
     is left open.  (A watchdog terminates the backend if the main thread is
     not woken, so that a failure does not hang.)"""
-    with _admin(pg18) as admin, CaptureRelay(pg18.host, pg18.port) as relay:
+    with admin_session(pg18) as admin, CaptureRelay(pg18.host, pg18.port) as relay:
         params = _relayed(pg18, relay, "tcp", tls_material)
         with assert_no_fd_leak(ignore=relay.owned_fds):
             conn = blocking.connect(**params)
@@ -1244,8 +1207,7 @@ def test_blocking_close_from_another_thread(
             def ready() -> bool:
                 if waiting_in == "notifies":
                     return conn._io.waiting == blocking.WAIT_READ  # private: parked in poll()
-                row = _activity(admin, pid)
-                return row is not None and tuple(row[:2]) == ("active", SLEEP_SQL)
+                return running(admin, pid)
 
             def closer() -> None:
                 try:
@@ -1289,7 +1251,7 @@ def test_blocking_close_from_another_thread(
             _terminate(admin, pid)  # it sleeps on: it has not read the Terminate
         assert relay.wait_closed(1)
         assert relay.captures()[0].client_bytes.endswith(TERMINATE)
-        _wait_until(lambda: _gone(admin, pid), "the backend to exit")
+        _wait_until(lambda: gone(admin, pid), "the backend to exit")
 
 
 # --------------------------------------------------------------------------
@@ -1317,7 +1279,7 @@ async def _fatal_in_notifies(
         tg.start_soon(waiter)
         await _until(lambda: drv.parked(conn), "notifies() to wait")
         _terminate(admin, pid)
-    await _until(lambda: _gone(admin, pid), "the backend to exit")
+    await _until(lambda: gone(admin, pid), "the backend to exit")
     return raised[0] if raised else None
 
 
@@ -1330,7 +1292,7 @@ def test_fatal_at_idle_closes_the_connection(
     the iteration raises, the connection is closed, and nothing more is
     sent (no Terminate, no close_notify) -- not by the failure, not by
     close().  (Which error: the next test.)"""
-    with _admin(pg18) as admin, CaptureRelay(pg18.host, pg18.port) as relay:
+    with admin_session(pg18) as admin, CaptureRelay(pg18.host, pg18.port) as relay:
         params = _relayed(pg18, relay, transport, tls_material)
 
         async def main() -> None:
@@ -1379,7 +1341,7 @@ def test_fatal_at_idle_raises_the_servers_error(
     params = _params(cluster, transport, tls_material)
 
     async def main() -> None:
-        with anyio.fail_after(PATIENCE), _admin(cluster) as admin:
+        with anyio.fail_after(PATIENCE), admin_session(cluster) as admin:
             conn = await drv.connect(params)
             try:
                 error = await _fatal_in_notifies(drv, conn, admin)
@@ -1407,7 +1369,7 @@ def test_pg15_smoke(pg15: Cluster, tls_material: TLSMaterial, drv: Driver) -> No
     messages = _messages("one-transaction")
 
     async def main() -> None:
-        with anyio.fail_after(PATIENCE), _admin(pg15) as admin:
+        with anyio.fail_after(PATIENCE), admin_session(pg15) as admin:
             received: list[NoticeResponse] = []
             conn = await drv.connect(params, notice_handler=received.append)
             pid = conn.backend_pid
@@ -1431,7 +1393,7 @@ def test_pg15_smoke(pg15: Cluster, tls_material: TLSMaterial, drv: Driver) -> No
             finally:
                 await drv.close(conn)
             await _after_close(drv, conn)
-            await _until(lambda: _gone(admin, pid), "the backend to exit")
+            await _until(lambda: gone(admin, pid), "the backend to exit")
             # A FATAL at idle ends notifies() and closes the connection.
             conn = await drv.connect(params)
             assert isinstance(await _fatal_in_notifies(drv, conn, admin), pgproto.Error)

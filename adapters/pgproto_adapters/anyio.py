@@ -207,6 +207,7 @@ class Connection(AsyncConnectionBase):
     """An established connection (anyio)."""
 
     transport = _Transport
+    _io: _Transport
 
 
 async def connect(

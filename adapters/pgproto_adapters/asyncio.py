@@ -161,6 +161,7 @@ class Connection(AsyncConnectionBase):
     """An established connection (asyncio)."""
 
     transport = _Transport
+    _io: _Transport
 
 
 async def connect(

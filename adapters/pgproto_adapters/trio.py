@@ -130,6 +130,7 @@ class Connection(AsyncConnectionBase):
     """An established connection (trio)."""
 
     transport = _Transport
+    _io: _Transport
 
 
 async def connect(
