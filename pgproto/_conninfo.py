@@ -326,7 +326,10 @@ def _uri_decode(raw: str, secret: str | None) -> str:
     return body
 
 
-_URI_SECRET_PARAM: Final = re.compile(r"([?&])([^=&]*)=([^&]*)")
+#: A ``?`` ends a keyword: where the host part holds an ``&`` before the
+#: query's ``?`` (``postgresql://[::1&?password=...``), the parameter must
+#: still be seen as ``password``, not as ``?password``.
+_URI_SECRET_PARAM: Final = re.compile(r"([?&])([^=&?]*)=([^&]*)")
 
 
 def _mask_uri(uri: str) -> str:

@@ -252,6 +252,29 @@ class ConnParams:
 # resolution
 
 
+def _check_keyword_value(keyword: str, value: str) -> None:
+    """Refuse what libpq could never be given as a keyword value.
+
+    A C string ends at its first NUL, and a lone surrogate (other than the
+    ``surrogateescape`` range that stands for a non-UTF-8 byte) has no
+    encoding at all; either would otherwise surface later as a ``ValueError``
+    or ``UnicodeEncodeError`` from a file-system call or the startup packet.
+    The value itself is not quoted: it may be a secret.
+    """
+    if "\x00" in value:
+        raise ConninfoError(
+            f'value of option "{keyword}" contains a NUL character', keyword=keyword
+        )
+    try:
+        value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as exc:
+        raise ConninfoError(
+            f'value of option "{keyword}" contains a character that cannot be encoded '
+            f"at position {exc.start + 1}",
+            keyword=keyword,
+        ) from None
+
+
 def resolve_params(
     conninfo: str = "",
     /,
@@ -288,7 +311,9 @@ def resolve_params(
             raise TypeError(
                 f"connection option {keyword!r} must be a str or an int, not {type(value).__name__}"
             )
-        entries.append((keyword, str(value), Source(SourceKind.KEYWORD, name=keyword)))
+        text = str(value)
+        _check_keyword_value(keyword, text)
+        entries.append((keyword, text, Source(SourceKind.KEYWORD, name=keyword)))
 
     key = (conninfo, expand_dbname, tuple(kwargs.items()), env.key())
     hit = _RESOLVED.get(key)
