@@ -27,7 +27,11 @@ DEFAULT_SOCKET_DIR: Final = "/var/run/postgresql"
 DEFAULT_SYSCONFDIR: Final = "/etc/postgresql-common"
 
 
-@dataclass(frozen=True, slots=True)
+#: Environment variables whose value is a secret: masked in the repr.
+_SECRET_VARIABLES: Final = frozenset({"PGPASSWORD"})
+
+
+@dataclass(frozen=True, slots=True, repr=False)
 class Environment:
     """The process state that parameter resolution depends on.
 
@@ -52,6 +56,17 @@ class Environment:
     client_encoding: str = "UTF8"
     socket_dir: str = DEFAULT_SOCKET_DIR
     sysconfdir: str = DEFAULT_SYSCONFDIR
+
+    def __repr__(self) -> str:
+        environ = {
+            name: "********" if name in _SECRET_VARIABLES else value
+            for name, value in self.environ.items()
+        }
+        return (
+            f"Environment(environ={environ!r}, home={self.home!r}, user={self.user!r}, "
+            f"uid={self.uid!r}, client_encoding={self.client_encoding!r}, "
+            f"socket_dir={self.socket_dir!r}, sysconfdir={self.sysconfdir!r})"
+        )
 
     def key(self) -> tuple[object, ...]:
         """A hashable value equal for equal environments (for caches)."""

@@ -375,7 +375,16 @@ def test_hostaddr_password_file_matches_the_host_name(pg18: Cluster, tmp_path: A
     assert "password authentication failed" in _outcome_pgproto(by_address)
 
 
-@pytest.mark.parametrize("host", ["\ud800x.invalid", "a" * 64 + ".invalid"])
+def test_host_name_with_a_lone_surrogate_is_a_conninfo_error() -> None:
+    """No encoding can carry it (libpq could never be given it): refused while
+    resolving the parameters, naming the option, before any network activity."""
+    with pytest.raises(ConninfoError) as failure:
+        blocking.connect("port=5432 user=u sslmode=disable", host="\ud800x.invalid")
+    assert failure.value.keyword == "host"
+    assert "\ud800" not in str(failure.value)
+
+
+@pytest.mark.parametrize("host", ["a" * 64 + ".invalid"])
 def test_host_names_python_cannot_encode_fail_in_the_resolver(host: str) -> None:
     import asyncio
 
