@@ -514,7 +514,11 @@ def _describe_key_failure(keyfile: str, secret: bytes) -> str:
         return "bad decrypt"  # encrypted, and no passphrase
     except ValueError as exc:
         text = str(exc).lower()
-        return "bad decrypt" if "password" in text or "decrypt" in text else "PEM lib"
+        if "password" in text or "decrypt" in text:
+            return "bad decrypt"
+        # About one wrong passphrase in 200 passes the cipher's padding check
+        # and fails later, in the key's ASN.1: still a wrong passphrase.
+        return "bad decrypt" if b"ENCRYPTED" in data else "PEM lib"
     except UnsupportedAlgorithm:
         return "unsupported"
     return "PEM lib"
