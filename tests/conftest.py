@@ -8,4 +8,4 @@ as the top-level module ``servers`` (``tests/`` is on ``sys.path`` and has no
 
 from __future__ import annotations
 
-pytest_plugins = ["servers"]
+pytest_plugins = ["servers", "secret_watch"]
