@@ -107,7 +107,7 @@ import ssl
 import threading
 from collections.abc import Callable
 from types import TracebackType
-from typing import Final, Self
+from typing import Final, Generic, Protocol, Self, TypeVar
 
 __all__ = [
     "CANCEL_REQUEST_CODE",
@@ -118,6 +118,7 @@ __all__ = [
     "TLS_HANDSHAKE",
     "Capture",
     "CaptureRelay",
+    "RelayThread",
     "client_tls_start",
     "contains_plaintext_cancel",
     "ends_with_tls_alert",
@@ -400,17 +401,28 @@ class _Conn:
         )
 
 
-class CaptureRelay:
-    """Relays TCP connections from 127.0.0.1:``port`` to a target and records them.
+class RelayConn(Protocol):
+    """What :class:`RelayThread` needs of a relayed connection."""
 
-    One thread runs a selector over non-blocking sockets; :meth:`close` wakes
-    it through a socket pair, joins it and closes every socket.  When one
-    side sends EOF, the relay writes what is still pending to the other side
-    and then shuts that side down for writing, so a client waiting for the
-    server's EOF sees it; when both directions are finished, both sockets
-    are closed and the capture counts as ``closed``.  A side that resets is
-    treated as EOF, and bytes that can no longer be delivered are dropped
-    (still recorded).
+    client: socket.socket
+    server: socket.socket
+    closed: bool
+
+
+ConnT = TypeVar("ConnT", bound=RelayConn)
+
+
+class RelayThread(Generic[ConnT]):
+    """A TCP relay from 127.0.0.1:``port`` to a target, run by one thread.
+
+    The thread runs a selector over non-blocking sockets: the listener, a
+    wake-up socket pair and both sockets of every relayed connection (with
+    ``TCP_NODELAY`` on both sides).  Subclasses make a connection object per
+    accepted client (:meth:`_new_conn`), service its sockets
+    (:meth:`_service`), register their interest (:meth:`_update`) and handle
+    an unreachable target (:meth:`_target_failed`); everything runs with
+    ``_cond`` held.  :meth:`close` wakes the thread through the socket pair,
+    joins it and closes every socket.
 
     File descriptors: :meth:`owned_fds` returns the descriptors the relay
     holds (listener, wake pair, selector, relayed sockets) plus those it has
@@ -419,9 +431,10 @@ class CaptureRelay:
     come and go.  After :meth:`close` the relay holds none.
     """
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, *, name: str) -> None:
         self.host: Final = "127.0.0.1"
         self.target: Final = (target_host, target_port)
+        self._name = name
         family, _, _, _, sockaddr = socket.getaddrinfo(
             target_host, target_port, type=socket.SOCK_STREAM
         )[0]
@@ -429,7 +442,7 @@ class CaptureRelay:
         self._target_addr = sockaddr
         self._selector_closed = False
         self._cond = threading.Condition()
-        self._conns: list[_Conn] = []
+        self._conns: list[ConnT] = []
         self._closed_fds: set[int] = set()
         self._error: BaseException | None = None
         self._listener = socket.create_server((self.host, 0), backlog=128)
@@ -448,36 +461,10 @@ class CaptureRelay:
             raise
         self._selector.register(self._listener, selectors.EVENT_READ)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
-        self._thread = threading.Thread(target=self._serve, name="capture-relay", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
     # -- public API ---------------------------------------------------------
-
-    def captures(self) -> list[Capture]:
-        """A snapshot of every connection accepted so far, in accept order."""
-        with self._cond:
-            return [conn.snapshot() for conn in self._conns]
-
-    def wait_closed(self, count: int, timeout: float = 10.0) -> bool:
-        """Wait until at least ``count`` connections are finished; false on timeout."""
-        with self._cond:
-            return self._cond.wait_for(
-                lambda: (
-                    sum(conn.closed for conn in self._conns) >= count or self._error is not None
-                ),
-                timeout,
-            ) and (self._error is None)
-
-    def wait_for(self, predicate: Callable[[list[Capture]], bool], timeout: float = 10.0) -> bool:
-        """Wait until ``predicate(self.captures())`` holds; false on timeout.
-
-        The predicate is evaluated again each time the relay records bytes,
-        accepts or finishes a connection.
-        """
-        with self._cond:
-            return self._cond.wait_for(
-                lambda: predicate([conn.snapshot() for conn in self._conns]), timeout
-            )
 
     def owned_fds(self) -> set[int]:
         """Descriptors held by the relay (see the class docstring)."""
@@ -494,6 +481,11 @@ class CaptureRelay:
         fds |= {fd for fd in closed - fds if not _is_open(fd)}
         return fds
 
+    @property
+    def alive(self) -> bool:
+        """Whether the relay thread is still running."""
+        return self._thread.is_alive()
+
     def close(self) -> None:
         """Stop the thread and close every socket (idempotent).
 
@@ -504,11 +496,11 @@ class CaptureRelay:
                 self._wake_w.send(b"x")
             self._thread.join(timeout=10)
             if self._thread.is_alive():
-                raise RuntimeError("capture relay thread did not stop")
+                raise RuntimeError(f"{self._name} thread did not stop")
         with self._cond:
             for conn in self._conns:
                 self._close_sock(conn.client)
-                self._close_sock(conn.server)
+                self._close_sock(conn.server)  # ``closed`` stays as it was
             for sock in (self._listener, self._wake_r, self._wake_w):
                 self._close_sock(sock)
             if not self._selector_closed:
@@ -519,7 +511,7 @@ class CaptureRelay:
                 self._selector_closed = True
             self._cond.notify_all()
         if self._error is not None:
-            raise RuntimeError("capture relay thread failed") from self._error
+            raise RuntimeError(f"{self._name} thread failed") from self._error
 
     def __enter__(self) -> Self:
         return self
@@ -532,7 +524,28 @@ class CaptureRelay:
     ) -> None:
         self.close()
 
+    def _wait(self, predicate: Callable[[list[ConnT]], bool], timeout: float) -> bool:
+        """Wait until ``predicate(connections)`` holds (evaluated again each
+        time the thread has done something); false on timeout or if the
+        thread failed."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: self._error is not None or predicate(self._conns), timeout
+            ) and (self._error is None)
+
     # -- relay thread -------------------------------------------------------
+
+    def _new_conn(self, client: socket.socket, server: socket.socket) -> ConnT:
+        raise NotImplementedError
+
+    def _service(self, conn: ConnT, sock: object, events: int) -> None:
+        raise NotImplementedError
+
+    def _update(self, conn: ConnT) -> None:
+        raise NotImplementedError
+
+    def _target_failed(self, conn: ConnT, error: OSError) -> None:
+        raise NotImplementedError
 
     def _close_sock(self, sock: socket.socket) -> None:
         """Close ``sock``, remembering its descriptor; call with the lock held."""
@@ -553,12 +566,10 @@ class CaptureRelay:
                     if key.fileobj is self._listener:
                         self._accept_all()
                     else:
-                        conn = key.data
-                        assert isinstance(conn, _Conn)
-                        self._service(conn, key.fileobj, events)
+                        self._service(key.data, key.fileobj, events)
                 with self._cond:
                     self._cond.notify_all()
-        except BaseException as exc:  # surfaced by wait_closed() and close()
+        except BaseException as exc:  # surfaced by the waits and close()
             with self._cond:
                 self._error = exc
                 self._cond.notify_all()
@@ -574,7 +585,7 @@ class CaptureRelay:
                     continue
                 client.setblocking(False)
                 server = socket.socket(self._target_family, socket.SOCK_STREAM)
-                conn = _Conn(client, server)
+                conn = self._new_conn(client, server)
                 self._conns.append(conn)
                 server.setblocking(False)
                 # Relay each chunk at once: with Nagle's algorithm and delayed
@@ -584,11 +595,66 @@ class CaptureRelay:
                         relayed.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 err = server.connect_ex(self._target_addr)
                 if err not in (0, errno.EINPROGRESS):
-                    self._fail_target(conn, OSError(err, os.strerror(err)))
+                    self._target_failed(conn, OSError(err, os.strerror(err)))
                     continue
                 self._update(conn)
 
-    def _fail_target(self, conn: _Conn, error: OSError) -> None:
+    def _connected(self, conn: ConnT) -> bool:
+        """The target socket became writable while connecting: true if the
+        connection succeeded, else :meth:`_target_failed` has been called."""
+        err = conn.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._target_failed(conn, OSError(err, os.strerror(err)))
+            return False
+        return True
+
+    def _finish(self, conn: ConnT) -> None:
+        self._close_sock(conn.client)
+        self._close_sock(conn.server)
+        conn.closed = True
+        self._cond.notify_all()
+
+
+class CaptureRelay(RelayThread[_Conn]):
+    """Relays TCP connections from 127.0.0.1:``port`` to a target and records them.
+
+    When one side sends EOF, the relay writes what is still pending to the
+    other side and then shuts that side down for writing, so a client
+    waiting for the server's EOF sees it; when both directions are finished,
+    both sockets are closed and the capture counts as ``closed``.  A side
+    that resets is treated as EOF, and bytes that can no longer be delivered
+    are dropped (still recorded).  Threading and descriptors: see
+    :class:`RelayThread`.
+    """
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        super().__init__(target_host, target_port, name="capture relay")
+
+    # -- public API ---------------------------------------------------------
+
+    def captures(self) -> list[Capture]:
+        """A snapshot of every connection accepted so far, in accept order."""
+        with self._cond:
+            return [conn.snapshot() for conn in self._conns]
+
+    def wait_closed(self, count: int, timeout: float = 10.0) -> bool:
+        """Wait until at least ``count`` connections are finished; false on timeout."""
+        return self._wait(lambda conns: sum(conn.closed for conn in conns) >= count, timeout)
+
+    def wait_for(self, predicate: Callable[[list[Capture]], bool], timeout: float = 10.0) -> bool:
+        """Wait until ``predicate(self.captures())`` holds; false on timeout.
+
+        The predicate is evaluated again each time the relay records bytes,
+        accepts or finishes a connection.
+        """
+        return self._wait(lambda conns: predicate([conn.snapshot() for conn in conns]), timeout)
+
+    # -- relay thread -------------------------------------------------------
+
+    def _new_conn(self, client: socket.socket, server: socket.socket) -> _Conn:
+        return _Conn(client, server)
+
+    def _target_failed(self, conn: _Conn, error: OSError) -> None:
         """The target is unreachable: close the client (it sees EOF)."""
         conn.connecting = False
         conn.target_error = error
@@ -601,9 +667,7 @@ class CaptureRelay:
             if conn.closed:
                 return
             if conn.connecting and sock is conn.server:
-                err = conn.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if err:
-                    self._fail_target(conn, OSError(err, os.strerror(err)))
+                if not self._connected(conn):
                     return
                 conn.connecting = False
                 events |= selectors.EVENT_WRITE
@@ -667,12 +731,6 @@ class CaptureRelay:
             client_mask |= selectors.EVENT_READ
         for sock, mask in ((conn.client, client_mask), (conn.server, server_mask)):
             set_interest(self._selector, sock, mask, conn)
-
-    def _finish(self, conn: _Conn) -> None:
-        self._close_sock(conn.client)
-        self._close_sock(conn.server)
-        conn.closed = True
-        self._cond.notify_all()
 
 
 def _is_open(fd: int) -> bool:

@@ -73,17 +73,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import os
 import selectors
 import socket
 import struct
-import threading
 from collections.abc import Callable
-from types import TracebackType
-from typing import Final, Literal, Self
+from typing import Final, Literal
 
-from capture import SSL_REQUEST_CODE, TLS_HANDSHAKE, set_interest
+from capture import SSL_REQUEST_CODE, TLS_HANDSHAKE, RelayThread, set_interest
 
 __all__ = [
     "FAULT_KINDS",
@@ -347,45 +343,17 @@ class _Conn:
 # the proxy
 
 
-class FaultProxy:
+class FaultProxy(RelayThread[_Conn]):
     """Relays TCP connections from 127.0.0.1:``port`` to a server, injecting ``fault``.
 
     ``fault=None`` relays faithfully (a clean run to read points from); see
-    the module docstring for the rest.
+    the module docstring for the rest, and ``capture.RelayThread`` for the
+    thread and the descriptors.
     """
 
     def __init__(self, target_host: str, target_port: int, fault: Fault | None = None) -> None:
-        self.host: Final = "127.0.0.1"
-        self.target: Final = (target_host, target_port)
         self.fault: Final = fault
-        family, _, _, _, sockaddr = socket.getaddrinfo(
-            target_host, target_port, type=socket.SOCK_STREAM
-        )[0]
-        self._target_family = family
-        self._target_addr = sockaddr
-        self._cond = threading.Condition()
-        self._conns: list[_Conn] = []
-        self._closed_fds: set[int] = set()
-        self._error: BaseException | None = None
-        self._selector_closed = False
-        self._listener = socket.create_server((self.host, 0), backlog=128)
-        self._listener.setblocking(False)
-        self.port: Final[int] = self._listener.getsockname()[1]
-        try:
-            self._wake_r, self._wake_w = socket.socketpair()
-        except BaseException:
-            self._listener.close()
-            raise
-        try:
-            self._selector = selectors.DefaultSelector()
-        except BaseException:
-            for sock in (self._listener, self._wake_r, self._wake_w):
-                sock.close()
-            raise
-        self._selector.register(self._listener, selectors.EVENT_READ)
-        self._selector.register(self._wake_r, selectors.EVENT_READ)
-        self._thread = threading.Thread(target=self._serve, name="fault-proxy", daemon=True)
-        self._thread.start()
+        super().__init__(target_host, target_port, name="fault proxy")
 
     # -- public API ---------------------------------------------------------
 
@@ -397,141 +365,27 @@ class FaultProxy:
     def wait_for(self, predicate: Callable[[list[Session]], bool], timeout: float = 10.0) -> bool:
         """Wait until ``predicate(self.sessions())`` holds; false on timeout
         (or if the proxy thread failed)."""
-        with self._cond:
-            return self._cond.wait_for(
-                lambda: (
-                    self._error is not None or predicate([conn.snapshot() for conn in self._conns])
-                ),
-                timeout,
-            ) and (self._error is None)
+        return self._wait(lambda conns: predicate([conn.snapshot() for conn in conns]), timeout)
 
     def wait_closed(self, count: int, timeout: float = 10.0) -> bool:
         """Wait until at least ``count`` connections are finished; false on timeout."""
-        return self.wait_for(lambda sessions: sum(s.closed for s in sessions) >= count, timeout)
-
-    def owned_fds(self) -> set[int]:
-        """Descriptors held by the proxy (see the module docstring)."""
-        with self._cond:
-            fds = {
-                s.fileno() for s in (self._listener, self._wake_r, self._wake_w) if s.fileno() != -1
-            }
-            for conn in self._conns:
-                fds.update(s.fileno() for s in (conn.client, conn.server) if s.fileno() != -1)
-            selector_fd = getattr(self._selector, "fileno", None)
-            if callable(selector_fd) and not self._selector_closed:
-                fds.add(selector_fd())
-            closed = set(self._closed_fds)
-        fds |= {fd for fd in closed - fds if not _is_open(fd)}
-        return fds
-
-    @property
-    def alive(self) -> bool:
-        """Whether the proxy thread is still running."""
-        return self._thread.is_alive()
-
-    def close(self) -> None:
-        """Stop the thread and close every socket (idempotent).
-
-        Raises :class:`RuntimeError` if the proxy thread failed.
-        """
-        if self._thread.is_alive():
-            with contextlib.suppress(OSError):
-                self._wake_w.send(b"x")
-            self._thread.join(timeout=10)
-            if self._thread.is_alive():
-                raise RuntimeError("fault proxy thread did not stop")
-        with self._cond:
-            for conn in self._conns:
-                self._close_sock(conn.client)
-                self._close_sock(conn.server)
-                conn.closed = True
-            for sock in (self._listener, self._wake_r, self._wake_w):
-                self._close_sock(sock)
-            if not self._selector_closed:
-                selector_fd = getattr(self._selector, "fileno", None)
-                if callable(selector_fd):
-                    self._closed_fds.add(selector_fd())
-                self._selector.close()
-                self._selector_closed = True
-            self._cond.notify_all()
-        if self._error is not None:
-            raise RuntimeError("fault proxy thread failed") from self._error
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+        return self._wait(lambda conns: sum(conn.closed for conn in conns) >= count, timeout)
 
     # -- proxy thread -------------------------------------------------------
 
-    def _close_sock(self, sock: socket.socket) -> None:
-        """Close ``sock``, remembering its descriptor; call with the lock held."""
-        fd = sock.fileno()
-        if fd == -1:
-            return
-        with contextlib.suppress(KeyError, ValueError):
-            self._selector.unregister(sock)
-        sock.close()
-        self._closed_fds.add(fd)
+    def _new_conn(self, client: socket.socket, server: socket.socket) -> _Conn:
+        return _Conn(client, server)
 
-    def _serve(self) -> None:
-        try:
-            while True:
-                for key, events in self._selector.select():
-                    if key.fileobj is self._wake_r:
-                        return
-                    if key.fileobj is self._listener:
-                        self._accept_all()
-                    else:
-                        conn = key.data
-                        assert isinstance(conn, _Conn)
-                        self._service(conn, key.fileobj, events)
-                with self._cond:
-                    self._cond.notify_all()
-        except BaseException as exc:  # surfaced by wait_for() and close()
-            with self._cond:
-                self._error = exc
-                self._cond.notify_all()
-
-    def _accept_all(self) -> None:
-        while True:
-            with self._cond:
-                try:
-                    client, _ = self._listener.accept()
-                except BlockingIOError:
-                    return
-                except ConnectionAbortedError:
-                    continue
-                client.setblocking(False)
-                server = socket.socket(self._target_family, socket.SOCK_STREAM)
-                conn = _Conn(client, server)
-                self._conns.append(conn)
-                server.setblocking(False)
-                for relayed in (client, server):
-                    with contextlib.suppress(OSError):
-                        relayed.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                err = server.connect_ex(self._target_addr)
-                if err not in (0, errno.EINPROGRESS):
-                    conn.target_error = OSError(err, os.strerror(err))
-                    self._finish(conn)
-                    continue
-                self._update(conn)
+    def _target_failed(self, conn: _Conn, error: OSError) -> None:
+        conn.target_error = error
+        self._finish(conn)
 
     def _service(self, conn: _Conn, sock: object, events: int) -> None:
         with self._cond:
             if conn.closed:
                 return
             if conn.connecting and sock is conn.server:
-                err = conn.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if err:
-                    conn.target_error = OSError(err, os.strerror(err))
-                    self._finish(conn)
+                if not self._connected(conn):
                     return
                 conn.connecting = False
             for stream in (conn.up, conn.down):
@@ -758,22 +612,8 @@ class FaultProxy:
         for sock, mask in ((conn.client, client_mask), (conn.server, server_mask)):
             set_interest(self._selector, sock, mask, conn)
 
-    def _finish(self, conn: _Conn) -> None:
-        self._close_sock(conn.client)
-        self._close_sock(conn.server)
-        conn.closed = True
-        self._cond.notify_all()
-
 
 def _kind(framing: str, unit_bytes: bytes) -> str:
     if framing == _TLS:
         return f"tls {unit_bytes[0]}"
     return unit_bytes[:1].decode("latin-1")
-
-
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
