@@ -249,6 +249,11 @@ def _client_nonce(parts: ScramParts) -> str:
     return dict(a.split("=", 1) for a in parts.client_first.split(",")[2:])["r"]
 
 
+def _other(char: str) -> str:
+    """A base64 character that is not *char*."""
+    return "Y" if char == "X" else "X"
+
+
 def _server_first(nonce: Callable[[str], str], iterations: int = 4096) -> Callable[..., str]:
     def build(parts: ScramParts) -> str:
         return f"r={nonce(_client_nonce(parts))},s=c2FsdHNhbHRzYWx0,i={iterations}"
@@ -430,7 +435,8 @@ def _downgrades() -> list[Attack]:
         a(
             name="server nonce does not extend the client nonce",
             options=PLAIN,
-            script=plain(scram(server_first=_server_first(lambda c: "X" + c[1:] + "server"))),
+            # the first character changed (a random client nonce may start with "X")
+            script=plain(scram(server_first=_server_first(lambda c: _other(c[0]) + c[1:] + "srv"))),
             error=pgproto.RemoteProtocolError,
             message="nonce mismatch",
             may_send=SASL_INITIAL,
