@@ -208,8 +208,12 @@ def handshake_points(session: Session) -> dict[str, Point]:
     TLS after an SSLRequest:
 
     * ``ssl_answer``: the ``S`` byte;
+    * ``server_hello``: the server's first TLS record (its ServerHello, or a
+      HelloRetryRequest: PostgreSQL before 18 offers only the P-256 group by
+      default, so a client whose first key share is X25519 is asked again,
+      and the handshake takes one more flight);
     * ``tls_handshake``: the server's first encrypted handshake record (TLS
-      1.3), the first record after the ServerHello;
+      1.3), the first record after the (last) ServerHello;
     * ``auth_request``: the first record after the handshake (AuthenticationSASL);
     * ``scram_continue``: the record carrying AuthenticationSASLContinue;
     * ``before_ready``: the last record of the flight that answers the
@@ -217,6 +221,10 @@ def handshake_points(session: Session) -> dict[str, Point]:
       SASLFinal, AuthenticationOk ... ReadyForQuery in one record);
     * ``scram_final``: the first record of that flight, only if it has
       more than one.
+
+    Direct TLS (``sslnegotiation=direct``): the same but ``ssl_answer``;
+    with no SSLRequest every flight comes one earlier, and ``server_hello``
+    is the server's first byte.
 
     Plaintext: ``auth_request`` (AuthenticationSASL), ``scram_continue``,
     ``scram_final`` and ``before_ready`` (the ReadyForQuery message itself).
@@ -230,21 +238,38 @@ def handshake_points(session: Session) -> dict[str, Point]:
     def name(step: str, unit: Unit) -> None:
         points[step] = Point(step, unit.flight, unit.index)
 
-    if shape and shape[0] == ["answer S"]:
-        # 'S', handshake, AuthenticationSASL, SASLContinue, SASLFinal..ReadyForQuery
-        if len(groups) < 5 or shape[1][0] != f"tls {TLS_HANDSHAKE}":
+    def tls_steps(first: int) -> dict[str, Point]:
+        # the handshake flight is the first with an encrypted record; any
+        # before it (from ``first``) are HelloRetryRequest flights: ServerHello
+        # and ChangeCipherSpec records only
+        hello = first
+        while (
+            hello < len(groups)
+            and shape[hello][0] == f"tls {TLS_HANDSHAKE}"
+            and "tls 23" not in shape[hello]
+        ):
+            hello += 1
+        if hello + 4 > len(groups) or shape[hello][0] != f"tls {TLS_HANDSHAKE}":
             raise ValueError(f"unexpected TLS handshake shape: {shape}")
-        name("ssl_answer", groups[0][0])
-        encrypted = [u for u in groups[1] if u.kind == "tls 23"]
+        encrypted = [u for u in groups[hello] if u.kind == "tls 23"]
         if not encrypted:
             raise ValueError(f"no encrypted handshake record (TLS 1.2?): {shape}")
+        name("server_hello", groups[first][0])
         name("tls_handshake", encrypted[0])
-        name("auth_request", groups[2][0])
-        name("scram_continue", groups[3][0])
-        if len(groups[4]) > 1:
-            name("scram_final", groups[4][0])
-        name("before_ready", groups[4][-1])
+        name("auth_request", groups[hello + 1][0])
+        name("scram_continue", groups[hello + 2][0])
+        if len(groups[hello + 3]) > 1:
+            name("scram_final", groups[hello + 3][0])
+        name("before_ready", groups[hello + 3][-1])
         return points
+
+    if shape and shape[0] == ["answer S"]:
+        # 'S', handshake, AuthenticationSASL, SASLContinue, SASLFinal..ReadyForQuery
+        name("ssl_answer", groups[0][0])
+        return tls_steps(1)
+    if shape and shape[0] and shape[0][0] == f"tls {TLS_HANDSHAKE}":
+        # direct TLS: the same without the answer
+        return tls_steps(0)
     if shape and shape[0] and shape[0][0] == "R":
         if len(groups) < 3 or shape[1] != ["R"] or "Z" not in shape[2]:
             raise ValueError(f"unexpected plaintext SCRAM shape: {shape}")

@@ -5,16 +5,25 @@ of ``pg18`` at one step of the handshake, on every connection through it:
 
 * kinds: ``cut`` (EOF), ``reset`` (TCP RST), ``stall`` (nothing more, the
   sockets stay open), ``corrupt`` (one bit of the last byte of the unit);
-* transports: TLS (``sslmode=verify-full``) and plaintext TCP, both with
-  ``scram_user`` (SCRAM-SHA-256);
+* transports: TLS (``sslmode=verify-full``) after an SSLRequest, direct TLS
+  (``sslnegotiation=direct``, ``verify-full``: ALPN ``postgresql``, no
+  SSLRequest) and plaintext TCP, all with ``scram_user`` (SCRAM-SHA-256);
 * points, read from a clean run through the proxy (``fault_proxy`` module
   docstring: each point is a server flight and a unit in it, the same on
   every run): TLS -- the answer to SSLRequest, the first encrypted handshake
   record, AuthenticationSASL, SASLContinue, and the last record, which
   carries SASLFinal, AuthenticationOk ... ReadyForQuery (PostgreSQL sends
   them in one TLS record, so "before ReadyForQuery" is that record);
+  direct TLS -- the same, with the ServerHello (the server's first byte) in
+  place of the answer: libpq does not fall back either (every connection
+  through the proxy, libpq's too, is checked to open with a ClientHello);
   plaintext -- AuthenticationSASL, SASLContinue, SASLFinal and the
   ReadyForQuery message itself.
+
+A few TLS cases (every kind, at SASLContinue and before ReadyForQuery) run
+in front of ``pg15`` as well: an older server, with a smaller parameter
+burst and, by default, only the P-256 group, so the TLS 1.3 handshake takes
+a HelloRetryRequest flight more (``fault_proxy.handshake_points``).
 
 The connection string lists the proxy first and the server itself second
 (``host=127.0.0.1,127.0.0.1 port=<proxy>,<server> connect_timeout=2``).
@@ -68,6 +77,7 @@ import anyio
 import pg_admin
 import pytest
 import trio
+from capture import TLS_HANDSHAKE
 from failover_helpers import LibpqWorkers, Outcome
 from fake_server import ENV
 from fault_proxy import FAULT_KINDS, Fault, FaultProxy, Point, flight_shape, handshake_points
@@ -203,19 +213,26 @@ def run_libpq(libpq: LibpqWorkers, dsn: str) -> Result:
 #: Points per transport (``fault_proxy.handshake_points``).
 STEPS: Final = {
     "tls": ("ssl_answer", "tls_handshake", "auth_request", "scram_continue", "before_ready"),
+    "direct": ("server_hello", "tls_handshake", "auth_request", "scram_continue", "before_ready"),
     "tcp": ("auth_request", "scram_continue", "scram_final", "before_ready"),
 }
 
 #: The ``CONNECTION_*`` step pgproto names for a fault at each point.
 PGPROTO_STEP: Final = {
     "ssl_answer": "SSL negotiation",
+    "server_hello": "SSL negotiation",
     "tls_handshake": "SSL negotiation",
     "auth_request": "authentication",
     "scram_continue": "authentication",
     "scram_final": "authentication",
     ("tls", "before_ready"): "authentication",  # the record carries SASLFinal too
+    ("direct", "before_ready"): "authentication",
     ("tcp", "before_ready"): "waiting for the server to be ready",
 }
+
+#: Transports that encrypt: after an SSLRequest, and direct TLS (no fallback
+#: either way: ``verify-full``, and ``sslnegotiation=direct`` never retries).
+TLS_TRANSPORTS: Final = ("tls", "direct")
 
 NEXT_HOST: Final = "next host"  # connected to the healthy server
 GIVE_UP: Final = "give up"  # the connection failed, the healthy server untried
@@ -252,7 +269,7 @@ def pgproto_decision(kind: str, transport: str, step: str) -> str:
 
 def expected_error(kind: str, transport: str, step: str) -> tuple[type[BaseException], ...]:
     """The type of ``Attempt.error`` for the proxy attempt."""
-    in_tls = transport == "tls" and step != "ssl_answer"
+    in_tls = transport in TLS_TRANSPORTS and step != "ssl_answer"
     if kind == "stall":
         return (pgproto.TransportError,)  # timeout expired
     if kind == "cut":
@@ -296,9 +313,11 @@ Server = Cluster | PgBouncer
 
 
 def _params(server: Server, transport: str, tls: TLSMaterial, **extra: str) -> dict[str, str]:
+    if transport == "direct":
+        extra = {"sslnegotiation": "direct", **extra}
     return connect_params(
         server,
-        "tls" if transport == "tls" else "tcp",
+        "tls" if transport in TLS_TRANSPORTS else "tcp",
         tls,
         user=USER,
         password=PASSWORD,
@@ -406,6 +425,12 @@ def run_case(
     assert all(s.hit is not None and s.hit.step == step for s in sessions), [
         s.hit for s in sessions
     ]
+    if transport == "direct":
+        # every connection, libpq's included, opened with a ClientHello: no
+        # SSLRequest and no plaintext retry through the proxy
+        assert all(s.client_units[0].kind == f"tls {TLS_HANDSHAKE}" for s in sessions), [
+            s.client_units[:1] for s in sessions
+        ]
 
     [oracle, *flavours] = results
     assert oracle.libpq is not None
@@ -445,7 +470,8 @@ def run_case(
             proxy.port,
         ), what
         assert attempt.step == want_step, what
-        assert attempt.encryption == ("ssl" if transport == "tls" else "plaintext"), what
+        want_encryption = "ssl" if transport in TLS_TRANSPORTS else "plaintext"
+        assert attempt.encryption == want_encryption, what
         assert isinstance(attempt.error, expected_error(kind, transport, step)), (
             f"{what}: {type(attempt.error).__name__}"
         )
@@ -453,7 +479,9 @@ def run_case(
         assert f'"127.0.0.1", port {proxy.port} failed ({want_step}' in described, described
 
 
-@pytest.mark.parametrize(("kind", "transport", "step"), _cases(("tls", "tcp"), FAULT_KINDS))
+@pytest.mark.parametrize(
+    ("kind", "transport", "step"), _cases(("tls", "tcp", "direct"), FAULT_KINDS)
+)
 def test_fault_pg18(
     kind: str,
     transport: str,
@@ -467,6 +495,26 @@ def test_fault_pg18(
     points = clean_points(pg18, transport)
     with pg_admin.admin_session(pg18) as admin:
         run_case(kind, transport, step, pg18, points, libpq, tls_material, admin)
+
+
+@pytest.mark.parametrize(
+    ("kind", "step"),
+    [(kind, step) for step in ("scram_continue", "before_ready") for kind in FAULT_KINDS],
+)
+def test_fault_pg15(
+    kind: str,
+    step: str,
+    clean_points: Callable[[Server, str], dict[str, Point]],
+    libpq: LibpqWorkers,
+    pg15: Cluster,
+    tls_material: TLSMaterial,
+) -> None:
+    """Every kind of fault in front of PostgreSQL 15 (TLS after an SSLRequest)
+    at the two late points: an older server's handshake (fewer ParameterStatus
+    messages in its last flight) gets the same decisions."""
+    points = clean_points(pg15, "tls")
+    with pg_admin.admin_session(pg15) as admin:
+        run_case(kind, "tls", step, pg15, points, libpq, tls_material, admin)
 
 
 @pytest.mark.parametrize(
