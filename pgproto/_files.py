@@ -25,6 +25,7 @@ __all__ = [
     "PasswordMatch",
     "ServiceSetting",
     "file_signature",
+    "password_file_refusal",
     "password_from_file",
     "read_service",
 ]
@@ -159,6 +160,20 @@ class PasswordMatch:
         return f"PasswordMatch(password='********', path={self.path!r}, line={self.line})"
 
 
+def password_file_refusal(path: str, mode: int) -> str | None:
+    """Why a password file of this *mode* is ignored (libpq's warning), or
+    None when it may be read: it must be a plain file with no access at all
+    for group or others."""
+    if not stat.S_ISREG(mode):
+        return f'password file "{path}" is not a plain file'
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return (
+            f'password file "{path}" has group or world access; permissions should '
+            "be u=rw (0600) or less"
+        )
+    return None
+
+
 def password_from_file(
     path: str,
     *,
@@ -181,15 +196,9 @@ def password_from_file(
     except OSError:
         return None
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            _warn(f'password file "{path}" is not a plain file')
-            return None
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            _warn(
-                f'password file "{path}" has group or world access; permissions should '
-                "be u=rw (0600) or less"
-            )
+        refusal = password_file_refusal(path, os.fstat(fd).st_mode)
+        if refusal is not None:
+            _warn(refusal)
             return None
         with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read()

@@ -141,7 +141,6 @@ _EOF_MESSAGE: Final = (
     "\tThis probably means the server terminated abnormally\n"
     "\tbefore or while processing the request."
 )
-_SQLSTATE_CANNOT_CONNECT_NOW: Final = SQLSTATE_CANNOT_CONNECT_NOW
 _SQLSTATE_INVALID_PASSWORD: Final = "28P01"  # noqa: S105 - an SQLSTATE
 _SQLSTATE_UNDEFINED_OBJECT: Final = "42704"
 
@@ -174,9 +173,6 @@ _REQUIRE_AUTH_REASONS: Final = {
     _AUTH_SASL_CONT: "server requested SASL authentication",
     _AUTH_SASL_FIN: "server requested SASL authentication",
 }
-
-_SCRAM: Final = SCRAM_SHA_256
-_SCRAM_PLUS: Final = SCRAM_SHA_256_PLUS
 
 
 def _check_peer(required: str, peer_uid: int | None) -> Error | None:
@@ -1055,7 +1051,7 @@ class ConnectionStateMachine:
             self._authenticate(code, payload)
         elif kind == b"E":
             error = ServerError(_wire.parse_fields(message.body))
-            if error.sqlstate == _SQLSTATE_CANNOT_CONNECT_NOW:
+            if error.sqlstate == SQLSTATE_CANNOT_CONNECT_NOW:
                 raise _Failure(error, _NEXT_HOST)
             source = self._host.password_source if self._host is not None else None
             if (
@@ -1225,7 +1221,7 @@ class ConnectionStateMachine:
             ) from None
         selected: str | None = None
         for mechanism in mechanisms:
-            if mechanism == _SCRAM_PLUS:
+            if mechanism == SCRAM_SHA_256_PLUS:
                 if tls is None:
                     # Someone between us and the server may have stripped TLS.
                     raise AuthenticationError(
@@ -1233,7 +1229,7 @@ class ConnectionStateMachine:
                     )
                 if self._channel_binding != "disable":
                     selected = mechanism
-            elif mechanism == _SCRAM and selected is None:
+            elif mechanism == SCRAM_SHA_256 and selected is None:
                 selected = mechanism
         self._events.append(
             AuthenticationRequested(method="sasl", mechanisms=tuple(mechanisms), mechanism=selected)
@@ -1243,16 +1239,16 @@ class ConnectionStateMachine:
                 "none of the server's SASL authentication mechanisms are supported"
             )
         required = self.params.require_auth
-        if required is not None and _SCRAM not in required.sasl_mechanisms:
+        if required is not None and SCRAM_SHA_256 not in required.sasl_mechanisms:
             raise self._require_auth_failure(f"server requested {selected} authentication")
-        if self._channel_binding == "require" and selected != _SCRAM_PLUS:
+        if self._channel_binding == "require" and selected != SCRAM_SHA_256_PLUS:
             raise AuthenticationError(
                 "channel binding is required, but server did not offer an authentication "
                 "method that supports channel binding"
             )
         client_key = self.params.scram_client_key
         password = None if client_key is not None else self._password()
-        if selected == _SCRAM_PLUS:
+        if selected == SCRAM_SHA_256_PLUS:
             assert tls is not None
             flag, cb_data = "p", tls.channel_binding_data()
         elif tls is not None and self._channel_binding != "disable":
@@ -1311,14 +1307,9 @@ class ConnectionStateMachine:
         return True
 
     def _auth_ok_message(self, message: _wire.Message) -> None:
-        kind = message.type
-        if kind == b"S":  # most of the burst: inline
-            name, value = _wire.parse_parameter_status(message.body)
-            self._server_params[name] = value
-            self._events.append(ParameterStatus(name=name, value=value))
-            return
         if self._common_message(message):
             return
+        kind = message.type
         if kind == b"K":
             pid, key = _wire.parse_backend_key_data(message.body, self._pversion)
             self._backend_pid, self._backend_key = pid, key

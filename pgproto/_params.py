@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import enum
 import re
-import stat
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -32,6 +31,7 @@ from ._files import (
     FileSignature,
     ServiceSetting,
     file_signature,
+    password_file_refusal,
     password_from_file,
     read_service,
 )
@@ -676,9 +676,7 @@ def _passwords(
             sources["passfile"] = Source(SourceKind.DERIVED, detail="~/.pgpass")
         if passfile is not None:
             sig = file_signature(passfile)
-            if sig is not None and (
-                not stat.S_ISREG(sig[0]) or sig[0] & (stat.S_IRWXG | stat.S_IRWXO)
-            ):
+            if sig is not None and password_file_refusal(passfile, sig[0]) is not None:
                 sig = _WARNED  # password_from_file warns about it: not cached
             files.append((passfile, sig))
     dbname = values.get("dbname") or ""

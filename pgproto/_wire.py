@@ -214,15 +214,10 @@ class ReceiveBuffer:
             end = pos + 1 + length
             if length < 4 or length > limit or end > size:
                 break
-            parts = bytes(data[pos + 5 : end]).split(b"\x00")
-            if len(parts) != 3 or parts[2]:
+            pair = _parameter_status(bytes(data[pos + 5 : end]))
+            if pair is None:
                 break
-            found.append(
-                (
-                    parts[0].decode("utf-8", "surrogateescape"),
-                    parts[1].decode("utf-8", "surrogateescape"),
-                )
-            )
+            found.append(pair)
             pos = end
         if pos == size:
             data.clear()
@@ -325,15 +320,24 @@ def parse_sasl_mechanisms(payload: bytes) -> list[str]:
     return mechanisms
 
 
-def parse_parameter_status(body: bytes) -> tuple[str, str]:
+def _parameter_status(body: bytes) -> tuple[str, str] | None:
+    """(name, value) of a well-formed ParameterStatus body, else None."""
     parts = body.split(b"\x00")
     if len(parts) != 3 or parts[2]:
+        return None
+    return parts[0].decode("utf-8", "surrogateescape"), parts[1].decode("utf-8", "surrogateescape")
+
+
+def parse_parameter_status(body: bytes) -> tuple[str, str]:
+    pair = _parameter_status(body)
+    if pair is None:
         # Let the general reader say what is wrong.
         reader = _Reader(body, "ParameterStatus")
         reader.cstring()
         reader.cstring()
         reader.end()
-    return parts[0].decode("utf-8", "surrogateescape"), parts[1].decode("utf-8", "surrogateescape")
+        raise RemoteProtocolError("malformed ParameterStatus message")  # pragma: no cover
+    return pair
 
 
 #: The longest cancel key protocol 3.2 allows.
