@@ -14,9 +14,9 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Final, Protocol, Self, TypeVar
+from typing import Any, ClassVar, Final, Generic, Protocol, Self, TypeVar
 
 from pgproto import (
     CancelStateMachine,
@@ -52,13 +52,13 @@ from pgproto._machine import ConnectionStateMachine
 __all__ = [
     "IN_PROGRESS",
     "AsyncConnectionBase",
+    "AsyncEntryPoints",
     "AsyncTransport",
     "ConnectionBase",
     "QueryCollector",
     "QueryResult",
     "SocketTransport",
     "Tracer",
-    "async_connect",
     "establish",
     "made",
     "make_machine",
@@ -795,19 +795,6 @@ def connect_failure(exc: OSError) -> OSError:
     return exc
 
 
-async def ping_via(
-    connect: Callable[..., Awaitable[AsyncConnectionBase]], conninfo: str, kwargs: dict[str, Any]
-) -> Ping:
-    """An async adapter's ``ping``: connect with *connect*, close, and give
-    libpq's verdict; never raises for a connection failure."""
-    try:
-        conn = await connect(conninfo, **kwargs)
-    except Error as exc:
-        return ping_outcome(exc)
-    await conn.close()
-    return Ping.OK
-
-
 # --------------------------------------------------------------------------
 # the async adapters: one pump over each framework's IO primitives
 
@@ -979,38 +966,80 @@ async def establish(
     io.clear()
 
 
-async def async_connect(
-    connection: type[AsyncConnectionT],
-    conninfo: str,
-    kwargs: dict[str, Any],
-    *,
-    env: Environment | None,
-    trace: Tracer | None,
-    random_bytes: Callable[[int], bytes] | None,
-    key_passphrase_hook: Callable[[str], str] | None,
-    notice_handler: NoticeHandler | None,
-    timeout: float | None,
-) -> AsyncConnectionT:
-    """An async adapter's ``connect``: *connection* is its Connection class."""
-    seconds = overall_timeout(timeout)
-    io = connection.transport()
-    await io.enter()
-    start = io.now()
-    machine = make_machine(
-        conninfo,
-        kwargs,
-        env=env,
-        random_bytes=random_bytes,
-        key_passphrase_hook=key_passphrase_hook,
-    )
-    if seconds is not None:
-        io.set_overall(start + seconds)
-    conn = connection(machine, io, trace, notice_handler)
-    await conn._connect()
-    return conn
-
-
 AsyncConnectionT = TypeVar("AsyncConnectionT", bound=AsyncConnectionBase)
+
+
+class AsyncEntryPoints(Generic[AsyncConnectionT]):
+    """An async adapter's public ``connect`` and ``ping`` for its Connection
+    class: the module binds them (``connect = AsyncEntryPoints(Connection).connect``),
+    so the three async adapters share one signature and one body."""
+
+    __slots__ = ("_connection",)
+
+    def __init__(self, connection: type[AsyncConnectionT]) -> None:
+        self._connection = connection
+
+    async def connect(
+        self,
+        conninfo: str = "",
+        /,
+        *,
+        env: Environment | None = None,
+        trace: Tracer | None = None,
+        random_bytes: Callable[[int], bytes] | None = None,
+        key_passphrase_hook: Callable[[str], str] | None = None,
+        notice_handler: NoticeHandler | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> AsyncConnectionT:
+        """Connect as libpq's PQconnectdbParams does; raises :class:`pgproto.ConnectError`.
+
+        *timeout* (seconds) bounds the whole attempt, name resolution included,
+        on top of the per-address ``connect_timeout``: when it passes, the
+        current attempt fails with "timeout expired (overall deadline)" and no
+        other host is tried.  *notice_handler* gets every NoticeResponse
+        (default: the ``pgproto.notice`` logger).
+        """
+        seconds = overall_timeout(timeout)
+        io = self._connection.transport()
+        await io.enter()
+        start = io.now()
+        machine = make_machine(
+            conninfo,
+            kwargs,
+            env=env,
+            random_bytes=random_bytes,
+            key_passphrase_hook=key_passphrase_hook,
+        )
+        if seconds is not None:
+            io.set_overall(start + seconds)
+        conn = self._connection(machine, io, trace, notice_handler)
+        await conn._connect()
+        return conn
+
+    async def ping(
+        self,
+        conninfo: str = "",
+        /,
+        *,
+        env: Environment | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Ping:
+        """libpq's ``PQpingParams``: is the server up and accepting connections?
+
+        Connects exactly as :func:`connect` does and closes the connection if it
+        was made.  Never raises for a connection failure: invalid options are
+        NO_ATTEMPT (without any network activity); otherwise the last attempt
+        that reached an address decides (:func:`pgproto.ping_outcome`) -- a
+        server that asks for a password it does not get is up (OK).
+        """
+        try:
+            conn = await self.connect(conninfo, env=env, timeout=timeout, **kwargs)
+        except Error as exc:
+            return ping_outcome(exc)
+        await conn.close()
+        return Ping.OK
 
 
 class SocketTransport(AsyncTransport):

@@ -18,23 +18,20 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Callable
-from typing import Any, Final
+from collections.abc import AsyncIterator
+from typing import Final
 
 import trio
 
-from pgproto import Environment, Ping
 from pgproto._machine import ConnectionStateMachine
 
 from ._common import (
     AsyncConnectionBase,
-    NoticeHandler,
+    AsyncEntryPoints,
     SocketTransport,
     Tracer,
-    async_connect,
     async_pump,
     closed_while_waiting,
-    ping_via,
     resolver_host,
     stream_addresses,
 )
@@ -133,53 +130,6 @@ class Connection(AsyncConnectionBase):
     _io: _Transport
 
 
-async def connect(
-    conninfo: str = "",
-    /,
-    *,
-    env: Environment | None = None,
-    trace: Tracer | None = None,
-    random_bytes: Callable[[int], bytes] | None = None,
-    key_passphrase_hook: Callable[[str], str] | None = None,
-    notice_handler: NoticeHandler | None = None,
-    timeout: float | None = None,
-    **kwargs: Any,
-) -> Connection:
-    """Connect as libpq's PQconnectdbParams does; raises :class:`pgproto.ConnectError`.
-
-    *timeout* (seconds) bounds the whole attempt, name resolution included,
-    on top of the per-address ``connect_timeout``: when it passes, the
-    current attempt fails with "timeout expired (overall deadline)" and no
-    other host is tried.  *notice_handler* gets every NoticeResponse
-    (default: the ``pgproto.notice`` logger).
-    """
-    return await async_connect(
-        Connection,
-        conninfo,
-        kwargs,
-        env=env,
-        trace=trace,
-        random_bytes=random_bytes,
-        key_passphrase_hook=key_passphrase_hook,
-        notice_handler=notice_handler,
-        timeout=timeout,
-    )
-
-
-async def ping(
-    conninfo: str = "",
-    /,
-    *,
-    env: Environment | None = None,
-    timeout: float | None = None,
-    **kwargs: Any,
-) -> Ping:
-    """libpq's ``PQpingParams``: is the server up and accepting connections?
-
-    Connects exactly as :func:`connect` does and closes the connection if it
-    was made.  Never raises for a connection failure: invalid options are
-    NO_ATTEMPT (without any network activity); otherwise the last attempt
-    that reached an address decides (:func:`pgproto.ping_outcome`) -- a
-    server that asks for a password it does not get is up (OK).
-    """
-    return await ping_via(connect, conninfo, {"env": env, "timeout": timeout, **kwargs})
+_entry_points: Final = AsyncEntryPoints(Connection)
+connect = _entry_points.connect
+ping = _entry_points.ping
