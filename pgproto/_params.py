@@ -311,15 +311,16 @@ def resolve_params(
             raise TypeError(
                 f"connection option {keyword!r} must be a str or an int, not {type(value).__name__}"
             )
-        text = str(value)
-        _check_keyword_value(keyword, text)
-        entries.append((keyword, text, Source(SourceKind.KEYWORD, name=keyword)))
+        entries.append((keyword, str(value), Source(SourceKind.KEYWORD, name=keyword)))
 
     key = (conninfo, expand_dbname, tuple(kwargs.items()), env.key())
     hit = _RESOLVED.get(key)
     if hit is not None and all(file_signature(path) == sig for path, sig in hit[1]):
         return hit[0]
     files: list[tuple[str, FileSignature]] = []
+    for keyword, text, source in entries:
+        if source.kind is SourceKind.KEYWORD:  # (a cache hit has passed this)
+            _check_keyword_value(keyword, text)
 
     values: dict[str, str | None] = {}
     sources: dict[str, Source] = {}
