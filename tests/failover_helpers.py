@@ -66,6 +66,7 @@ __all__ = [
     "Outcome",
     "ProxySession",
     "Tried",
+    "attempt_tried",
     "libpq_outcome",
     "outcome",
     "parse_libpq_message",
@@ -215,7 +216,8 @@ def psycopg_outcome(conninfo: str) -> Outcome:
 AnyConnection = blocking.Connection | asyncio_adapter.Connection | trio_adapter.Connection
 
 
-def _attempt_tried(attempt: pgproto.Attempt) -> Tried:
+def attempt_tried(attempt: pgproto.Attempt) -> Tried:
+    """*attempt* as libpq's message names it (no port for a name that did not resolve)."""
     if attempt.address is None:  # the host name did not resolve: libpq names no port
         return Tried(attempt.host or "?", None, str(attempt.error))
     return Tried(attempt.address, attempt.port, str(attempt.error))
@@ -225,7 +227,7 @@ def _failed(client: str, exc: Exception, elapsed: float) -> Outcome:
     if isinstance(exc, pgproto.ConnectError):
         return Outcome(
             client,
-            tried=tuple(_attempt_tried(a) for a in exc.attempts),
+            tried=tuple(attempt_tried(a) for a in exc.attempts),
             ping=pgproto.ping_outcome(exc),
             message=str(exc),
             elapsed=elapsed,

@@ -50,10 +50,12 @@ __all__ = [
     "TERMINATE",
     "ClientMessage",
     "Harness",
+    "PeerHarness",
     "ScramServer",
     "assert_transitions",
     "auth",
     "backend_key",
+    "cancel_request",
     "client_messages",
     "command_complete",
     "connect_error",
@@ -219,6 +221,14 @@ def startup_done(
 
 SSL_REQUEST: Final = b"\x00\x00\x00\x08\x04\xd2\x16\x2f"
 TERMINATE: Final = b"X\x00\x00\x00\x04"
+#: The CancelRequest code, 1234.5678.
+_CANCEL_CODE: Final = 80877102
+
+
+def cancel_request(pid: int, key: bytes) -> bytes:
+    """A CancelRequest (length, code, pid, key), built here, independently of
+    ``pgproto._wire``."""
+    return struct.pack("!III", 12 + len(key), _CANCEL_CODE, pid) + key
 
 
 @dataclass(frozen=True)
@@ -398,6 +408,27 @@ class Harness:
     def actions(self) -> list[str]:
         """The log's action names (``open``, ``send``, ``recv``, ``close``, ...)."""
         return [name for name, _ in self.log]
+
+    def sent(self) -> bytes:
+        """Every byte the machine sent so far (the log's ``send`` entries)."""
+        return b"".join(data for name, data in self.log if name == "send")
+
+
+@dataclass
+class PeerHarness(Harness):
+    """A :class:`Harness` that answers OpenConnection (of an address not in
+    ``refuse``) with ``connection_made(peer_uid=peer_uid)``, as an adapter
+    that read the Unix socket's peer credentials would."""
+
+    peer_uid: int | None = None
+
+    def _answer(self, event: Event) -> None:
+        if isinstance(event, OpenConnection) and event.address.address not in self.refuse:
+            assert event.peer_credentials is (event.address.kind == "unix")
+            self.log.append(("open", event.address))
+            self.machine.connection_made(peer_uid=self.peer_uid)
+            return
+        super()._answer(event)
 
 
 def connect_error(harness: Harness, turns: Iterable[bytes] = ()) -> pgproto.ConnectError:

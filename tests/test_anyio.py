@@ -72,7 +72,7 @@ import trio
 from capture import CaptureRelay, client_tls_start, contains_plaintext_cancel, first_packet_kind
 from fdcheck import assert_no_fd_leak
 from libpq_oracle import ping as libpq_ping
-from pg_admin import SLEEP_SQL, Admin, activity, admin_session, running, until
+from pg_admin import SLEEP_SQL, Admin, activity, admin_session, gone, running, until
 from pgproto_adapters import anyio as pa
 from pgproto_adapters import asyncio as asyncio_adapter
 from pgproto_adapters import blocking
@@ -210,7 +210,7 @@ async def _check_connect(server: Cluster, tls: TLSMaterial, transport: str) -> N
         with pytest.raises(ConnectionClosed):
             await conn.cancel()
         # Terminate reached the server: the backend goes away.
-        await _until(lambda: activity(admin, pid) is None, "the backend to exit")
+        await _until(lambda: gone(admin, pid), "the backend to exit")
 
         # The async context manager closes, on success and on error.
         async with await pa.connect(**params) as conn2:
@@ -230,7 +230,7 @@ async def _check_connect(server: Cluster, tls: TLSMaterial, transport: str) -> N
         pid3 = conn3.backend_pid
         assert conn3.closed
         await _until(
-            lambda: activity(admin, pid2) is None and activity(admin, pid3) is None,
+            lambda: gone(admin, pid2) and gone(admin, pid3),
             "the backends to exit",
         )
 
@@ -315,7 +315,7 @@ async def test_reset_after_terminate(
             assert conn.server_parameters["application_name"] == "changed"
             [(terminated,)] = admin.execute("select pg_terminate_backend(%s)", (old,)).fetchall()
             assert terminated is True
-            await _until(lambda: activity(admin, old) is None, "the backend to exit")
+            await _until(lambda: gone(admin, old), "the backend to exit")
             if observed:
                 # (Which error: see test_query_on_a_terminated_backend.)
                 with pytest.raises((ServerError, pgproto.TransportError)):
@@ -356,7 +356,7 @@ async def test_query_on_a_terminated_backend(
         try:
             pid = conn.backend_pid
             admin.execute("select pg_terminate_backend(%s)", (pid,))
-            await _until(lambda: activity(admin, pid) is None, "the backend to exit")
+            await _until(lambda: gone(admin, pid), "the backend to exit")
             with pytest.raises(ServerError) as caught:
                 await conn.simple_query("select 1")
             assert caught.value.sqlstate == "57P01"
@@ -813,17 +813,16 @@ async def test_default_notice_handler_is_silent_without_logging_config(
 # notifications
 
 
-def _notify(server: Cluster, count: int, *, one_transaction: bool, start: int = 0) -> int:
-    """Send *count* notifications on ``ch`` (payloads start, start+1, ...)
-    from a new session; its backend pid."""
+def _notify(server: Cluster, count: int, *, one_transaction: bool) -> int:
+    """Send *count* notifications on ``ch`` (payloads 0, 1, ...) from a new
+    session; its backend pid."""
     with admin_session(server) as other:
         pid = other.info.backend_pid
-        if one_transaction:
-            with other.transaction():
-                for i in range(start, start + count):
-                    other.execute("select pg_notify('ch', %s)", (str(i),))
-        else:
-            for i in range(start, start + count):
+        block: contextlib.AbstractContextManager[Any] = (
+            other.transaction() if one_transaction else contextlib.nullcontext()
+        )
+        with block:
+            for i in range(count):
                 other.execute("select pg_notify('ch', %s)", (str(i),))
     return pid
 
@@ -957,7 +956,7 @@ async def test_close_wakes_a_notifies_waiter(pg18: Cluster, tls_material: TLSMat
         assert len(outcome) == 1
         assert isinstance(outcome[0], ConnectionClosed)
         assert conn.closed
-        await _until(lambda: activity(admin, pid) is None, "the backend to exit")
+        await _until(lambda: gone(admin, pid), "the backend to exit")
 
 
 async def test_close_wakes_a_running_query(pg18: Cluster, tls_material: TLSMaterial) -> None:

@@ -41,6 +41,7 @@ import pytest
 import trio
 from fdcheck import describe_fds, open_fds
 from libpq_oracle import ping as libpq_ping
+from pg_admin import until
 from pgproto_adapters import asyncio as asyncio_adapter
 from pgproto_adapters import trio as trio_adapter
 from pgproto_adapters._cluster import Cluster
@@ -75,7 +76,6 @@ class Runner:
     module: _Adapter
     run_fn: Callable[[Callable[[], Coroutine[Any, Any, Any]]], Any]
     sleep: Callable[[float], Awaitable[None]]
-    clock: Callable[[], float]
 
     def run(self, fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
         return self.run_fn(fn)
@@ -84,13 +84,9 @@ class Runner:
         return self.name
 
 
-def _asyncio_clock() -> float:
-    return asyncio.get_running_loop().time()
-
-
 RUNNERS: Final = (
-    Runner("asyncio", asyncio_adapter, lambda fn: asyncio.run(fn()), asyncio.sleep, _asyncio_clock),
-    Runner("trio", trio_adapter, trio.run, trio.sleep, trio.current_time),
+    Runner("asyncio", asyncio_adapter, lambda fn: asyncio.run(fn()), asyncio.sleep),
+    Runner("trio", trio_adapter, trio.run, trio.sleep),
 )
 
 
@@ -142,13 +138,6 @@ class FdCount:
             f"new:\n{describe_fds(after - self.before)}\n"
             f"gone:\n{describe_fds(self.before - after)}"
         )
-
-
-async def _wait_for(runner: Runner, condition: Callable[[], bool]) -> None:
-    deadline = runner.clock() + PATIENCE
-    while not condition():
-        assert runner.clock() < deadline, "timed out waiting"
-        await runner.sleep(0.01)
 
 
 # --------------------------------------------------------------------------
@@ -376,7 +365,7 @@ async def _cancel_when_accepted(
 
     if runner.name == "asyncio":
         task = asyncio.ensure_future(operation)
-        await _wait_for(runner, reached)
+        await until(reached, "the listener to accept", patience=PATIENCE, period=0.01)
         assert not task.done()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -389,7 +378,7 @@ async def _cancel_when_accepted(
     with trio.CancelScope() as scope:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run_it)
-            await _wait_for(runner, reached)
+            await until(reached, "the listener to accept", patience=PATIENCE, period=0.01)
             scope.cancel()
     assert scope.cancelled_caught
 
@@ -572,9 +561,9 @@ def test_reset_reconnects(
             assert result.rows == [(str(conn.backend_pid), "scram_user")]
             # The old backend got Terminate and went away.
             gone = f"SELECT count(*) FROM pg_stat_activity WHERE pid = {old_pid:d}"  # noqa: S608
-            deadline = runner.clock() + PATIENCE
+            deadline = time.monotonic() + PATIENCE
             while (await conn.simple_query(gone))[0].rows != [("0",)]:
-                assert runner.clock() < deadline, "the old backend is still there"
+                assert time.monotonic() < deadline, "the old backend is still there"
                 await runner.sleep(0.02)
             await conn.reset()  # twice in a row
             [result] = await conn.simple_query("SELECT 1")

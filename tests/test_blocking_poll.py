@@ -40,7 +40,7 @@ import pytest
 from fdcheck import assert_no_fd_leak
 from pgproto_adapters import blocking
 from pgproto_adapters._cluster import Cluster
-from servers import TLSMaterial, connect_params
+from servers import ROLES, TLSMaterial, connect_params
 
 import pgproto
 from pgproto import ConnectError, ConnStatus, LocalProtocolError, PollingStatus
@@ -65,13 +65,35 @@ _DONE: Final = (PollingStatus.OK, PollingStatus.FAILED)
 def _params(server: Cluster, tls: TLSMaterial, transport: str, **extra: str) -> dict[str, Any]:
     """``scram_user`` over *transport* (unix, tcp, tls), with its password (as
     keyword arguments: ``connect`` also has non-string ones)."""
+    password = ROLES["scram_user"].password or ""
     return connect_params(
-        server, transport, tls, **{"user": "scram_user", "password": "pw-scram", **extra}
+        server, transport, tls, **{"user": "scram_user", "password": password, **extra}
     )
 
 
 def _start(params: dict[str, Any] | None = None, /, **kwargs: Any) -> blocking.Connection:
     return blocking.connect_start(env=ENV, **(params or {}), **kwargs)
+
+
+def _two_hosts(first_port: int, second_port: int, **extra: str) -> dict[str, Any]:
+    """``postgres`` on 127.0.0.1 at *first_port*, then at *second_port* (plaintext)."""
+    return {
+        "host": "127.0.0.1,127.0.0.1",
+        "port": f"{first_port},{second_port}",
+        "user": "postgres",
+        "dbname": "postgres",
+        "sslmode": "disable",
+        **extra,
+    }
+
+
+def _wait(fd: int | blocking.Connection, status: PollingStatus, timeout: float | None) -> None:
+    """``select.select`` on *fd* (a number or an object with ``fileno()``) for
+    what *status* asks: readable for READING, writable for WRITING."""
+    if status is PollingStatus.READING:
+        select.select([fd], [], [], timeout)
+    else:
+        select.select([], [fd], [], timeout)
 
 
 def drive_selectors(
@@ -102,11 +124,7 @@ def drive_select(conn: blocking.Connection) -> PollingStatus:
     give_up = time.monotonic() + GIVE_UP
     while (status := conn.connect_poll()) in _WAITING:
         assert time.monotonic() < give_up, "connect_poll() never finished"
-        fd = conn.fileno()
-        if status is PollingStatus.READING:
-            select.select([fd], [], [], conn.timeout())
-        else:
-            select.select([], [fd], [], conn.timeout())
+        _wait(conn.fileno(), status, conn.timeout())
     return status
 
 
@@ -164,11 +182,7 @@ def _libpq_statuses(conninfo: str) -> list[ConnStatus]:
             seen.append(ConnStatus(pgconn.status))
             if polled in _DONE:
                 break
-            fd = pgconn.socket
-            if polled is PollingStatus.READING:
-                select.select([fd], [], [], SLACK)
-            else:
-                select.select([], [fd], [], SLACK)
+            _wait(pgconn.socket, polled, SLACK)
         return seen
     finally:
         pgconn.finish()
@@ -234,13 +248,7 @@ def test_foreign_asyncio_loop(pg18: Cluster, tls_material: TLSMaterial) -> None:
 
 def test_fileno_changes_when_the_next_host_is_tried(pg18: Cluster, closed_port: int) -> None:
     """The first host refuses; the socket to watch changes to the second one's."""
-    conn = _start(
-        host="127.0.0.1,127.0.0.1",
-        port=f"{closed_port},{pg18.port}",
-        user="postgres",
-        dbname="postgres",
-        sslmode="disable",
-    )
+    conn = _start(_two_hosts(closed_port, pg18.port))
     try:
         sockets = [_socket_id(conn.fileno())]
 
@@ -364,14 +372,7 @@ def test_status_walks_libpq_steps(pg18: Cluster, tls_material: TLSMaterial, tran
 def test_timeout_moves_on_from_a_silent_server(pg18: Cluster, silent_port: int) -> None:
     """connect_timeout=2: a caller that waits with timeout() reaches the
     second host about 2 s after the first one stopped answering."""
-    conn = _start(
-        host="127.0.0.1,127.0.0.1",
-        port=f"{silent_port},{pg18.port}",
-        user="postgres",
-        dbname="postgres",
-        sslmode="disable",
-        connect_timeout="2",
-    )
+    conn = _start(_two_hosts(silent_port, pg18.port, connect_timeout="2"))
     started = time.monotonic()
     try:
         timeout = conn.timeout()
@@ -394,15 +395,7 @@ def test_blocking_connect_moves_on_from_a_silent_server(pg18: Cluster, silent_po
     """connect() is the same code waiting in poll(2): the deadline fires there too."""
     with assert_no_fd_leak():
         started = time.monotonic()
-        conn = blocking.connect(
-            env=ENV,
-            host="127.0.0.1,127.0.0.1",
-            port=f"{silent_port},{pg18.port}",
-            user="postgres",
-            dbname="postgres",
-            sslmode="disable",
-            connect_timeout="2",
-        )
+        conn = blocking.connect(env=ENV, **_two_hosts(silent_port, pg18.port, connect_timeout="2"))
         try:
             assert 1.5 < time.monotonic() - started < SLACK
             assert [str(a.error) for a in conn.machine.attempts] == ["timeout expired"]
@@ -465,8 +458,7 @@ def test_close_mid_handshake_leaves_no_fd(
             for _ in range(steps):
                 if (polled := conn.connect_poll()) not in _WAITING:
                     break
-                reading = polled is PollingStatus.READING
-                select.select([conn] if reading else [], [] if reading else [conn], [], SLACK)
+                _wait(conn, polled, SLACK)
             status = conn.status
             conn.close()
             conn.close()  # idempotent
@@ -543,12 +535,7 @@ def test_reset_start_and_poll(pg18: Cluster, tls_material: TLSMaterial) -> None:
             with pytest.raises(LocalProtocolError):
                 conn.simple_query("SELECT 1")
             while (status := conn.reset_poll()) in _WAITING:
-                select.select(
-                    [conn] if status is PollingStatus.READING else [],
-                    [conn] if status is PollingStatus.WRITING else [],
-                    [],
-                    conn.timeout(),
-                )
+                _wait(conn, status, conn.timeout())
             assert status is PollingStatus.OK
             second = _backend_pid(conn)
             assert second != first

@@ -80,7 +80,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from typing import Any, Final, TypeVar
 
 import anyio
@@ -88,7 +88,6 @@ import psycopg
 import pytest
 import trio
 from capture import (
-    CANCEL_REQUEST_CODE,
     SSL_REQUEST_CODE,
     TLS_HANDSHAKE,
     Capture,
@@ -98,8 +97,9 @@ from capture import (
     first_packet_kind,
     tls_records,
 )
+from fake_server import cancel_request
 from fdcheck import assert_no_fd_leak
-from pg_admin import Admin, admin_session
+from pg_admin import Admin, admin_session, until
 from pgproto_adapters import anyio as anyio_adapter
 from pgproto_adapters import asyncio as asyncio_adapter
 from pgproto_adapters import blocking
@@ -357,21 +357,20 @@ def _anyio_runner(backend: str) -> Callable[[Callable[[], Coroutine[Any, Any, An
 
 @dataclasses.dataclass(frozen=True)
 class Kit:
-    """An async adapter module and its framework's runner, sleep and task group."""
+    """An async adapter module and its framework's runner and task group."""
 
     module: Any
     run: Callable[[Callable[[], Coroutine[Any, Any, Any]]], Any]
-    sleep: Callable[[float], Awaitable[None]]
     group: Callable[
         [Callable[[], Coroutine[Any, Any, None]]], contextlib.AbstractAsyncContextManager[None]
     ]
 
 
 KITS: Final[dict[str, Kit]] = {
-    "asyncio": Kit(asyncio_adapter, _run_asyncio, asyncio.sleep, _asyncio_group),
-    "trio": Kit(trio_adapter, _run_trio, trio.sleep, _trio_group),
-    "anyio-asyncio": Kit(anyio_adapter, _anyio_runner("asyncio"), anyio.sleep, _anyio_group),
-    "anyio-trio": Kit(anyio_adapter, _anyio_runner("trio"), anyio.sleep, _anyio_group),
+    "asyncio": Kit(asyncio_adapter, _run_asyncio, _asyncio_group),
+    "trio": Kit(trio_adapter, _run_trio, _trio_group),
+    "anyio-asyncio": Kit(anyio_adapter, _anyio_runner("asyncio"), _anyio_group),
+    "anyio-trio": Kit(anyio_adapter, _anyio_runner("trio"), _anyio_group),
 }
 
 
@@ -393,21 +392,24 @@ def _async_case(
                     else:
                         box.append((time.monotonic(), None))
 
+                def showed_up() -> bool:
+                    assert not box, f"the query ended before the cancel: {box}"
+                    return _check_running(watcher, sql, conn.backend_pid if pid_known else None)
+
                 async with kit.group(query):
-                    deadline = time.monotonic() + PATIENCE
-                    while not _check_running(watcher, sql, conn.backend_pid if pid_known else None):
-                        assert not box, f"the query ended before the cancel: {box}"
-                        assert time.monotonic() < deadline, "the query never showed up"
-                        await kit.sleep(POLL_INTERVAL)
+                    await until(
+                        showed_up, "the query to show up", patience=PATIENCE, period=POLL_INTERVAL
+                    )
                     start = time.monotonic()
                     await conn.cancel()
                     returned = time.monotonic() - start
                     # (Leaving the group with an assertion cancels the query task.)
-                    while not box:
-                        assert time.monotonic() - start < UNCANCELLED, (
-                            f"the query still runs {UNCANCELLED} s after the cancel"
-                        )
-                        await kit.sleep(POLL_INTERVAL)
+                    await until(
+                        lambda: bool(box),
+                        f"the query to end within {UNCANCELLED} s of the cancel",
+                        patience=UNCANCELLED,
+                        period=POLL_INTERVAL,
+                    )
                 [(ended, raised)] = box
                 [result] = await conn.simple_query("select 1")
                 return Outcome(
@@ -526,10 +528,6 @@ def _i32(value: int) -> bytes:
     return value.to_bytes(4, "big")
 
 
-def _cancel_request(pid: int, key: bytes) -> bytes:
-    return _i32(12 + len(key)) + _i32(CANCEL_REQUEST_CODE) + _i32(pid) + key
-
-
 def _captures(relay: CaptureRelay) -> tuple[Capture, Capture]:
     """The main connection's capture and the cancel connection's (the second)."""
     assert relay.wait_closed(2), relay.captures()
@@ -579,7 +577,7 @@ def test_cancel_on_the_wire(
         assert first_packet_kind(main.client_bytes) == "startup"
         assert first_packet_kind(cancel.client_bytes) == "cancel_request"
         # Exactly one CancelRequest, then the client waited for the hang-up.
-        assert cancel.client_bytes == _cancel_request(outcome.pid, outcome.key)
+        assert cancel.client_bytes == cancel_request(outcome.pid, outcome.key)
         assert cancel.server_bytes == b""
     else:
         assert outcome.ssl_in_use
@@ -657,8 +655,8 @@ def test_cancel_opens_like_libpq(
     theirs, libpq_pid, libpq_key = _idle_cancel_capture(pg18, tls_material, mode, "libpq", **extra)
     assert _opening(ours) == _opening(theirs)
     if mode == "disable":
-        assert ours.client_bytes == _cancel_request(pid, key)
-        assert theirs.client_bytes == _cancel_request(libpq_pid, libpq_key)
+        assert ours.client_bytes == cancel_request(pid, key)
+        assert theirs.client_bytes == cancel_request(libpq_pid, libpq_key)
         assert len(key) == len(libpq_key) == (32 if extra else 4)
     else:
         assert _opening(ours)["plaintext_cancel"] is False
@@ -684,7 +682,7 @@ def test_protocol_3_2_key(pg18: Cluster, tls_material: TLSMaterial, adapter: str
     assert main.client_bytes[4:8] == _i32(3 << 16 | 2)
     # ... and the CancelRequest carries the whole key: 12 + 32 bytes.
     assert cancel.client_bytes[:4] == _i32(12 + 32)
-    assert cancel.client_bytes == _cancel_request(outcome.pid, outcome.key)
+    assert cancel.client_bytes == cancel_request(outcome.pid, outcome.key)
     _LATENCIES[adapter, "relay-disable-3.2"].append(outcome.latency)
 
 

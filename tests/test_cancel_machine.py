@@ -18,7 +18,7 @@ import os
 import pwd
 import ssl
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +31,10 @@ from fake_server import (
     SSL_REQUEST,
     TERMINATE,
     Harness,
+    PeerHarness,
     assert_transitions,
     backend_key,
+    cancel_request,
     client_messages,
     connect_error,
     error_response,
@@ -92,11 +94,6 @@ SERVER_TEXT = "SERVER-CONTROLLED-TEXT-31337"
 
 PLAIN_STATUSES = [_S.STARTED, _S.MADE, _S.AWAITING_RESPONSE, _S.OK]
 TLS_STATUSES = [_S.STARTED, _S.MADE, _S.SSL_STARTUP, _S.MADE, _S.AWAITING_RESPONSE, _S.OK]
-
-
-def cancel_request(pid: int, key: bytes) -> bytes:
-    """A CancelRequest built here, independently of ``pgproto._wire``."""
-    return struct.pack("!III", 12 + len(key), CANCEL_CODE, pid) + key
 
 
 def test_expected_bytes_are_self_consistent() -> None:
@@ -418,7 +415,7 @@ def test_plaintext_cancel_to_the_same_address(inputs: list[tuple[ConnStatus, Inp
     m.close()
     assert drain(m) == [StatusChanged(status=_S.BAD)]  # no CloseConnection: already closed
     assert m.data_to_send() == b""
-    assert TERMINATE not in b"".join(d for name, d in h.log if name == "send")
+    assert TERMINATE not in h.sent()
     assert status_of(m) is _S.BAD
     assert m.poll() is FAILED
     m.close()  # idempotent
@@ -794,7 +791,7 @@ def test_cancel_goes_inside_tls(
     assert status_of(m) is _S.AWAITING_RESPONSE
     assert m.poll() is READING  # session tickets after the handshake are no response
     assert m.ssl_in_use
-    sent = b"".join(d for name, d in h.log if name == "send")
+    sent = h.sent()
     assert CANCEL_BYTES not in sent
     assert sent.startswith(SSL_REQUEST)
     (established,) = h.of_type(pgproto.TLSEstablished)
@@ -949,7 +946,7 @@ def test_tls_failure_under_require_gives_up(leaf: trustme.LeafCert) -> None:
     assert type(attempt.error) is TLSError
     assert attempt.step == "SSL negotiation"
     assert len(h.of_type(OpenConnection)) == 1
-    assert CANCEL_BYTES not in b"".join(d for name, d in h.log if name == "send")
+    assert CANCEL_BYTES not in h.sent()
 
 
 def test_reply_e_to_sslrequest(leaf: trustme.LeafCert) -> None:
@@ -978,7 +975,7 @@ def test_plaintext_behind_s_is_refused(
     (attempt,) = exc.attempts
     assert str(attempt.error) == "received unencrypted data after SSL response"
     assert h.take() == SSL_REQUEST
-    assert CANCEL_BYTES not in b"".join(d for name, d in h.log if name == "send")
+    assert CANCEL_BYTES not in h.sent()
 
 
 def test_encrypted_response_is_unexpected(leaf: trustme.LeafCert) -> None:
@@ -1139,20 +1136,6 @@ def test_unix_socket_refused() -> None:
     )
 
 
-class PeerHarness(Harness):
-    """Answers OpenConnection with ``connection_made(peer_uid=...)``."""
-
-    peer_uid: int | None = None
-
-    def _answer(self, event: Event) -> None:
-        if isinstance(event, OpenConnection) and event.address.address not in self.refuse:
-            assert event.peer_credentials is (event.address.kind == "unix")
-            self.log.append(("open", event.address))
-            self.machine.connection_made(peer_uid=self.peer_uid)
-            return
-        super()._answer(event)
-
-
 def _users() -> tuple[pwd.struct_passwd, pwd.struct_passwd]:
     me = pwd.getpwuid(os.getuid())
     other = next(e for e in pwd.getpwall() if e.pw_uid != me.pw_uid and e.pw_name != me.pw_name)
@@ -1160,8 +1143,7 @@ def _users() -> tuple[pwd.struct_passwd, pwd.struct_passwd]:
 
 
 def peer_source(requirepeer: str, uid: int) -> Harness:
-    h = PeerHarness(make_machine(host="/run/pg", requirepeer=requirepeer))
-    h.peer_uid = uid
+    h = PeerHarness(make_machine(host="/run/pg", requirepeer=requirepeer), peer_uid=uid)
     assert h.play([AUTH_OK + startup_done()]) is OK
     return h
 
@@ -1169,8 +1151,7 @@ def peer_source(requirepeer: str, uid: int) -> Harness:
 def test_requirepeer_passes() -> None:
     me, _ = _users()
     src = peer_source(me.pw_name, me.pw_uid)
-    h = PeerHarness(CancelStateMachine(src.machine))
-    h.peer_uid = me.pw_uid
+    h = PeerHarness(CancelStateMachine(src.machine), peer_uid=me.pw_uid)
     assert h.pump() is READING
     (opened,) = h.of_type(OpenConnection)
     assert opened.peer_credentials is True
@@ -1182,9 +1163,8 @@ def test_requirepeer_passes() -> None:
 def test_requirepeer_refuses_the_wrong_peer(who: str) -> None:
     me, other = _users()
     src = peer_source(me.pw_name, me.pw_uid)
-    h = PeerHarness(CancelStateMachine(src.machine))
     uids = {"other": other.pw_uid, "unknown": 2_000_000_000, "unsupported": None}
-    h.peer_uid = uids[who]
+    h = PeerHarness(CancelStateMachine(src.machine), peer_uid=uids[who])
     exc = connect_error(h)
     (attempt,) = exc.attempts
     assert type(attempt.error) is TransportError
@@ -1373,7 +1353,7 @@ class Outcome:
 
 def _outcome(h: Harness, error: ConnectError | None, server_got: bytes = b"") -> Outcome:
     assert_transitions(h.events)
-    plain = b"".join(d for name, d in h.log if name == "send")
+    plain = h.sent()
     attempt = error.attempts[0] if error is not None else None
     if error is not None:
         assert len(error.attempts) == 1
@@ -1433,9 +1413,9 @@ def test_any_split_of_plaintext_gives_the_same_outcome(
 
 
 def _tls_run(
-    leaf: trustme.LeafCert, direct: bool, end: str, split: Split
+    leaf: trustme.LeafCert, src: ConnectionStateMachine, end: str, split: Split
 ) -> tuple[Outcome, list[int]]:
-    h = cancel_for(_TLS_SOURCES[direct])
+    h = cancel_for(src)
     error: ConnectError | None = None
     sizes: list[int] = []
 
@@ -1466,18 +1446,15 @@ def _tls_run(
     return _outcome(h, error, got), sizes
 
 
-_TLS_SOURCES: dict[bool, ConnectionStateMachine] = {}
-
-
 @pytest.fixture(scope="module")
-def tls_sources(leaf: trustme.LeafCert) -> Iterator[None]:
-    _TLS_SOURCES[False] = tls_source(leaf, sslmode="require").machine
-    _TLS_SOURCES[True] = tls_source(leaf, sslmode="require", sslnegotiation="direct").machine
-    yield
-    _TLS_SOURCES.clear()
+def tls_sources(leaf: trustme.LeafCert) -> dict[bool, ConnectionStateMachine]:
+    """Connections made over TLS, by ``direct``: after an SSLRequest, or direct."""
+    return {
+        False: tls_source(leaf, sslmode="require").machine,
+        True: tls_source(leaf, sslmode="require", sslnegotiation="direct").machine,
+    }
 
 
-@pytest.mark.usefixtures("tls_sources")
 @settings(
     max_examples=60,
     deadline=None,
@@ -1491,10 +1468,15 @@ def tls_sources(leaf: trustme.LeafCert) -> Iterator[None]:
     cuts=st.lists(st.integers(min_value=0, max_value=5000), max_size=12),
 )
 def test_any_split_of_the_ciphertext_gives_the_same_outcome(
-    leaf: trustme.LeafCert, direct: bool, end: str, cuts: list[int]
+    leaf: trustme.LeafCert,
+    tls_sources: dict[bool, ConnectionStateMachine],
+    direct: bool,
+    end: str,
+    cuts: list[int],
 ) -> None:
-    reference, _ = _tls_run(leaf, direct, end, whole)
-    outcome, sizes = _tls_run(leaf, direct, end, lambda data: _chunks(data, cuts))
+    src = tls_sources[direct]
+    reference, _ = _tls_run(leaf, src, end, whole)
+    outcome, sizes = _tls_run(leaf, src, end, lambda data: _chunks(data, cuts))
     assert outcome == reference
     assert reference.server_got == CANCEL_BYTES
     if end in ("close_notify", "eof"):
@@ -1506,8 +1488,12 @@ def test_any_split_of_the_ciphertext_gives_the_same_outcome(
     assert sizes  # the server's flights went through the splitter
 
 
-def test_the_splitter_really_splits(leaf: trustme.LeafCert, tls_sources: None) -> None:
+def test_the_splitter_really_splits(
+    leaf: trustme.LeafCert, tls_sources: dict[bool, ConnectionStateMachine]
+) -> None:
     """Control for the property above: a byte-by-byte split feeds many pieces."""
-    outcome, sizes = _tls_run(leaf, False, "close_notify", lambda d: [bytes([b]) for b in d])
+    outcome, sizes = _tls_run(
+        leaf, tls_sources[False], "close_notify", lambda d: [bytes([b]) for b in d]
+    )
     assert outcome.ok
     assert sum(sizes) > 500

@@ -122,7 +122,7 @@ import trio
 from capture import set_interest
 from fake_server import AUTH_OK, SSL_REQUEST
 from fdcheck import assert_no_fd_leak, describe_fds, open_fds
-from pg_admin import SLEEP_SQL, Admin, admin_session, running
+from pg_admin import SLEEP_SQL, Admin, admin_session, gone, running
 from pgproto_adapters import anyio as anyio_adapter
 from pgproto_adapters import asyncio as asyncio_adapter
 from pgproto_adapters import blocking
@@ -588,41 +588,28 @@ class Flavor:
                 me.uncancel()
                 return True
             return False
-        if self.framework == "trio":
-            with trio.CancelScope() as outer:
-                inner = trio.CancelScope() if self.how == "scope" else trio.move_on_after(3600)
-                with inner:
-                    if self.how == "scope":
-                        trigger.arm(inner.cancel, outer.cancel)
-                    else:
-                        trigger.arm(_expire_trio(inner), outer.cancel)
-                    await body()
-            return inner.cancelled_caught or outer.cancelled_caught
-        with anyio.CancelScope() as outer_a:
-            inner_a = anyio.CancelScope() if self.how == "scope" else anyio.move_on_after(3600)
-            with inner_a:
-                if self.how == "scope":
-                    trigger.arm(inner_a.cancel, outer_a.cancel)
-                else:
-                    trigger.arm(_expire_anyio(inner_a), outer_a.cancel)
+        # trio and anyio: the same cancel scope API.
+        lib: Any = trio if self.framework == "trio" else anyio
+        with lib.CancelScope() as outer:
+            inner = lib.CancelScope() if self.how == "scope" else lib.move_on_after(3600)
+            with inner:
+                first = inner.cancel if self.how == "scope" else _expire(inner, lib.current_time)
+                trigger.arm(first, outer.cancel)
                 await body()
-        return inner_a.cancelled_caught or outer_a.cancelled_caught
+        return bool(inner.cancelled_caught or outer.cancelled_caught)
 
 
 async def _coroutine(fn: Callable[[], Awaitable[T]]) -> T:
     return await fn()
 
 
-def _expire_trio(scope: trio.CancelScope) -> Callable[[], None]:
+def _expire(
+    scope: trio.CancelScope | anyio.CancelScope, now: Callable[[], float]
+) -> Callable[[], None]:
+    """Move *scope*'s deadline to *now()* (its framework's clock)."""
+
     def expire() -> None:
-        scope.deadline = trio.current_time()
-
-    return expire
-
-
-def _expire_anyio(scope: anyio.CancelScope) -> Callable[[], None]:
-    def expire() -> None:
-        scope.deadline = anyio.current_time()
+        scope.deadline = now()
 
     return expire
 
@@ -697,9 +684,10 @@ def idle_after(admin: Admin, pid: int | None, sql: str) -> bool:
     return found is not None and found[:2] == ("idle", sql)
 
 
-def socket_of(watch: FdWatch) -> int:
-    """The one socket opened while *watch* ran (a connection's)."""
-    new = watch.new()
+def socket_of(watch: FdWatch, ignore: set[int] | None = None) -> int:
+    """The one socket opened while *watch* ran (a connection's), less *ignore*
+    (a relay's own)."""
+    new = watch.new(ignore)
     assert len(new) == 1, describe_fds(new)
     [fd] = new
     return fd
@@ -1414,7 +1402,7 @@ def test_second_cancellation_during_the_recovery(
             if expected == "closed":
                 assert_closed_cleanly(outcome, conn, fd, set())
                 await assert_unusable(conn)
-                await until(lambda: activity(admin, pid) is None, "the backend to exit")
+                await until(lambda: gone(admin, pid), "the backend to exit")
             else:
                 assert_recovered(flavor, outcome, conn, recorder)
                 assert idle_after(admin, pid, SLEEP_SQL)
@@ -1452,7 +1440,7 @@ def test_recovery_that_cannot_finish_closes(
             watch = FdWatch()
             conn = await flavor.adapter.connect(**via_relay(params, relay), trace=recorder)
             watch.stop()
-            fd = _own_socket(watch, relay)
+            fd = socket_of(watch, relay.owned_fds())
             pid = conn.backend_pid
             try:
                 recorder.clear()
@@ -1472,18 +1460,10 @@ def test_recovery_that_cannot_finish_closes(
                 await conn.close()
             assert relay.link(0).client_gone.wait(PATIENCE)
             assert relay.accepted == (1 if later == "refuse" else 2)
-            await until(lambda: activity(admin, pid) is None, "the backend to exit")
+            await until(lambda: gone(admin, pid), "the backend to exit")
 
         with assert_no_fd_leak(ignore=relay.owned_fds):
             flavor.run(main)
-
-
-def _own_socket(watch: FdWatch, relay: Relay) -> int:
-    """The client's socket among what *watch* saw open (less the relay's)."""
-    new = watch.new(relay.owned_fds())
-    assert len(new) == 1, describe_fds(new)
-    [fd] = new
-    return fd
 
 
 #: The size of a query (mostly a comment) far larger than the socket buffers.
@@ -1507,7 +1487,7 @@ def test_cancelled_while_the_query_is_sent(
             watch = FdWatch()
             conn = await flavor.adapter.connect(**via_relay(params, relay), trace=recorder)
             watch.stop()
-            fd = _own_socket(watch, relay)
+            fd = socket_of(watch, relay.owned_fds())
             pid = conn.backend_pid
             sql = "select 1 -- " + "x" * HUGE
             try:
@@ -1536,7 +1516,7 @@ def test_cancelled_while_the_query_is_sent(
             assert link.from_client[query_start] == ord("Q")
             assert len(link.from_client) - query_start < 1 + 4 + len(sql) + 1
             assert link.from_client.endswith(b"xxxx")
-            await until(lambda: activity(admin, pid) is None, "the backend to exit")
+            await until(lambda: gone(admin, pid), "the backend to exit")
             assert relay.accepted == 1  # and no cancel request
 
         with assert_no_fd_leak(ignore=relay.owned_fds):
@@ -1588,7 +1568,7 @@ def test_close_from_another_task_wakes_the_query(
         assert outcome.ended - closed_at[0] < SLACK
         assert_closed_cleanly(outcome, conn, fd, set())
         await assert_unusable(conn)
-        await until(lambda: activity(admin, pid) is None, "the backend to exit")
+        await until(lambda: gone(admin, pid), "the backend to exit")
 
     with assert_no_fd_leak():
         flavor.run(main)
@@ -1627,7 +1607,7 @@ def test_blocking_query_interrupted_from_the_trace(
         assert_closed_cleanly(outcome, conn, fd, set())
         with pytest.raises(ConnectionClosed):
             conn.simple_query("select 1")
-        wait_until(lambda: activity(admin, pid) is None, "the backend to exit")
+        wait_until(lambda: gone(admin, pid), "the backend to exit")
 
 
 def test_blocking_cancel_from_another_thread(
@@ -1683,4 +1663,4 @@ def test_blocking_close_from_another_thread(
         )
         helper.join()
         assert_closed_cleanly(outcome, conn, fd, set())
-        wait_until(lambda: activity(admin, pid) is None, "the backend to exit")
+        wait_until(lambda: gone(admin, pid), "the backend to exit")

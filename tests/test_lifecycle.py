@@ -4,6 +4,7 @@ rules); and requirepeer against a real server, side by side with libpq."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
 from collections.abc import Callable
@@ -11,18 +12,23 @@ from typing import Any
 
 import psycopg
 import pytest
+import trio
 from fake_server import (
     AUTH_OK,
     SECRET,
     TERMINATE,
     Harness,
+    PeerHarness,
     auth,
     connect_error,
     error_response,
     make_machine,
     startup_done,
+    statuses,
 )
+from pgproto_adapters import asyncio as asyncio_adapter
 from pgproto_adapters import blocking
+from pgproto_adapters import trio as trio_adapter
 from pgproto_adapters._cluster import Cluster
 
 import pgproto
@@ -35,7 +41,6 @@ from pgproto import (
     Ping,
     PollingStatus,
     ServerError,
-    StatusChanged,
     TransportError,
     ping_outcome,
 )
@@ -44,24 +49,9 @@ from pgproto import (
 # requirepeer
 
 
-class _PeerHarness(Harness):
-    """Answers OpenConnection with the given peer uid."""
-
-    peer: int | None = None
-
-    def _answer(self, event: pgproto.Event) -> None:
-        if isinstance(event, OpenConnection):
-            self.log.append(("open", event.address))
-            assert event.peer_credentials is (event.address.kind == "unix")
-            self.machine.connection_made(peer_uid=self.peer)
-            return
-        super()._answer(event)
-
-
 def _peer_run(requirepeer: str, peer: int | None) -> Harness:
-    harness = _PeerHarness(make_machine(host="/run/pg", requirepeer=requirepeer, password=None))
-    harness.peer = peer
-    return harness
+    machine = make_machine(host="/run/pg", requirepeer=requirepeer, password=None)
+    return PeerHarness(machine, peer_uid=peer)
 
 
 def test_requirepeer_accepts_the_right_user() -> None:
@@ -114,6 +104,8 @@ def test_deadline_expired_gives_up_at_once() -> None:
     assert harness.machine.status is ConnStatus.BAD
     assert harness.actions()[-1] == "close"
     harness.machine.deadline_expired()  # after the end: nothing happens
+    assert harness.machine.status is ConnStatus.BAD
+    assert harness.machine.poll() is PollingStatus.FAILED
 
 
 # --------------------------------------------------------------------------
@@ -135,8 +127,8 @@ def test_reset_reconnects_from_the_first_host_in_the_same_order() -> None:
     assert closes[-1] == TERMINATE  # the healthy connection got a Terminate
     opened = [a.address for name, a in harness.log if name == "open"]
     assert opened == ["192.0.2.1", "192.0.2.10", "192.0.2.1", "192.0.2.10"]
-    statuses = [e.status for e in harness.events if isinstance(e, StatusChanged)]
-    assert ConnStatus.NEEDED in statuses[statuses.index(ConnStatus.OK) :]
+    walk = statuses(harness.events)
+    assert ConnStatus.NEEDED in walk[walk.index(ConnStatus.OK) :]
 
 
 def test_reset_after_failure_clears_the_error() -> None:
@@ -268,12 +260,6 @@ def test_a_server_that_is_not_postgresql_is_named_as_such() -> None:
 
 
 def test_abstract_unix_socket(cluster_factory: Callable[..., Cluster]) -> None:
-    import asyncio
-
-    import trio
-    from pgproto_adapters import asyncio as asyncio_adapter
-    from pgproto_adapters import trio as trio_adapter
-
     cluster = cluster_factory(18)
     name = f"@pgproto-test-{cluster.port}"
     # The server listens in its directory and in the abstract namespace.
@@ -386,12 +372,6 @@ def test_host_name_with_a_lone_surrogate_is_a_conninfo_error() -> None:
 
 @pytest.mark.parametrize("host", ["a" * 64 + ".invalid"])
 def test_host_names_python_cannot_encode_fail_in_the_resolver(host: str) -> None:
-    import asyncio
-
-    import trio
-    from pgproto_adapters import asyncio as asyncio_adapter
-    from pgproto_adapters import trio as trio_adapter
-
     conninfo = "port=5432 user=u sslmode=disable"
     errors: list[ConnectError] = []
     with pytest.raises(ConnectError) as failure:

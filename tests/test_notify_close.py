@@ -91,7 +91,7 @@ import psycopg
 import pytest
 import trio
 from capture import CaptureRelay, client_tls_start, last_client_record_lengths, tls_records
-from fake_server import TERMINATE
+from fake_server import TERMINATE, message
 from fdcheck import assert_no_fd_leak
 from pg_admin import (
     SLEEP_SQL,
@@ -307,7 +307,8 @@ async_adapters = pytest.mark.parametrize("drv", ASYNC_DRIVERS, ids=str)
 
 
 def _params(server: Cluster, transport: str, tls: TLSMaterial, **extra: str) -> dict[str, Any]:
-    """The superuser over *transport* (trust; TLS with verify-full)."""
+    """The superuser over *transport* (trust; TLS with verify-full); typed
+    ``Any`` to be spread into ``psycopg.connect()`` as well."""
     return connect_params(server, transport, tls, **extra)
 
 
@@ -332,8 +333,7 @@ async def _value(drv: Driver, conn: ConnectionBase, sql: str) -> str | None:
 
 def _query_message(sql: str) -> bytes:
     """The simple Query message for *sql*."""
-    body = sql.encode() + b"\0"
-    return b"Q" + (len(body) + 4).to_bytes(4, "big") + body
+    return message(b"Q", sql.encode() + b"\0")
 
 
 def _client_records(client_bytes: bytes) -> list[tuple[int, int]]:

@@ -24,26 +24,22 @@ TCP_OPTIONS = {
 }
 
 
+#: The conninfo keywords zero is tested for, and the option each sets.
+ZERO_SETTINGS = {"keepalives_idle": "TCP_KEEPIDLE", "keepalives_interval": "TCP_KEEPINTVL"}
+
+
 def _options(fd: int) -> dict[str, int]:
-    sock = socket.socket(fileno=os.dup(fd))
-    try:
+    with socket.socket(fileno=os.dup(fd)) as sock:
         return {
             name: sock.getsockopt(level, option) for name, (level, option) in TCP_OPTIONS.items()
         }
-    finally:
-        sock.close()
 
 
 @contextmanager
 def _both(conninfo: str) -> Iterator[tuple[int, int]]:
     """(libpq's socket, pgproto's socket), both connected with *conninfo*."""
-    theirs = psycopg.connect(conninfo)
-    ours = blocking.connect(conninfo)
-    try:
+    with psycopg.connect(conninfo) as theirs, blocking.connect(conninfo) as ours:
         yield theirs.pgconn.socket, ours.fileno()
-    finally:
-        theirs.close()
-        ours.close()
 
 
 @pytest.mark.parametrize(
@@ -74,16 +70,11 @@ def test_zero_means_the_system_default(pg18: Cluster, settings: str) -> None:
     # passes it to setsockopt, which Linux rejects, and the attempt fails.
     # pgproto does what the documentation says (README: Differences).
     conninfo = f"{pg18.dsn(host='127.0.0.1', user='trust_user')} sslmode=disable {settings}"
-    name = settings.split("=", maxsplit=1)[0].replace("keepalives_idle", "TCP_KEEPIDLE")
-    name = name.replace("keepalives_interval", "TCP_KEEPINTVL")
+    name = ZERO_SETTINGS[settings.split("=", maxsplit=1)[0]]
     with pytest.raises(psycopg.OperationalError, match=rf"setsockopt\({name}\) failed"):
         psycopg.connect(conninfo)
-    default = socket.socket()
-    try:
-        level, option = TCP_OPTIONS[name]
-        expected = default.getsockopt(level, option)
-    finally:
-        default.close()
+    with socket.socket() as default:
+        expected = default.getsockopt(*TCP_OPTIONS[name])
     with blocking.connect(conninfo) as conn:
         assert _options(conn.fileno())[name] == expected
 
