@@ -105,9 +105,11 @@ import selectors
 import socket
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Final, Generic, Protocol, Self, TypeVar
+
+from fdcheck import is_open
 
 __all__ = [
     "CANCEL_REQUEST_CODE",
@@ -118,13 +120,16 @@ __all__ = [
     "TLS_HANDSHAKE",
     "Capture",
     "CaptureRelay",
+    "Direction",
     "RelayThread",
+    "accept_pending",
     "client_tls_start",
     "contains_plaintext_cancel",
     "ends_with_tls_alert",
     "first_packet_kind",
     "last_client_record_lengths",
     "measure_close_notify",
+    "selector_fd",
     "set_interest",
     "tls_records",
 ]
@@ -365,12 +370,35 @@ def set_interest(
         selector.modify(sock, mask, data)
 
 
+def selector_fd(selector: selectors.BaseSelector) -> int | None:
+    """The descriptor of *selector* (epoll, kqueue...); None if it has none."""
+    fileno = getattr(selector, "fileno", None)
+    return fileno() if callable(fileno) else None
+
+
+def accept_pending(listener: socket.socket) -> Iterator[socket.socket]:
+    """Accept every connection waiting on the non-blocking *listener*."""
+    while True:
+        try:
+            sock, _ = listener.accept()
+        except BlockingIOError:
+            return
+        except ConnectionAbortedError:  # reset by the client before accept()
+            continue
+        yield sock
+
+
 _READ_CHUNK: Final = 65536
 _BUFFER_LIMIT: Final = 1 << 20  # stop reading a side while this much waits to be written
 
 
-class _Direction:
-    """Bytes flowing from ``src`` to ``dst``."""
+class Direction:
+    """Bytes flowing from ``src`` to ``dst``.
+
+    When ``src`` sends EOF, what is still pending is written and ``dst`` is
+    then shut down for writing; a side that resets counts as EOF, and bytes
+    that can no longer be delivered are dropped (still recorded).
+    """
 
     def __init__(self, src: socket.socket, dst: socket.socket) -> None:
         self.src = src
@@ -384,14 +412,50 @@ class _Direction:
     def wants_read(self) -> bool:
         return not self.eof and len(self.pending) < _BUFFER_LIMIT
 
+    def read(self) -> bytes:
+        """Read what ``src`` has and record it; ``b""`` if it has nothing yet,
+        or at its EOF (or reset), which sets ``eof``."""
+        try:
+            data = self.src.recv(_READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return b""
+        except OSError:  # ECONNRESET and the like: the side is gone
+            data = b""
+        if not data:
+            self.eof = True
+        self.recorded += data
+        return data
+
+    def flush(self) -> None:
+        """Write what ``dst`` takes of ``pending``; after EOF and once nothing
+        is pending, shut ``dst`` down for writing and count as ``done``."""
+        if self.done:
+            return
+        if self.pending and not self.broken:
+            try:
+                sent = self.dst.send(self.pending)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:  # EPIPE / ECONNRESET: the receiver is gone
+                self.broken = True
+                self.pending.clear()
+            else:
+                del self.pending[:sent]
+        if self.broken:
+            self.pending.clear()
+        if self.eof and not self.pending:
+            with contextlib.suppress(OSError):  # ENOTCONN after a reset
+                self.dst.shutdown(socket.SHUT_WR)
+            self.done = True
+
 
 class _Conn:
     def __init__(self, client: socket.socket, server: socket.socket) -> None:
         self.client = client
         self.server = server
         self.connecting = True
-        self.up = _Direction(client, server)  # client -> server
-        self.down = _Direction(server, client)  # server -> client
+        self.up = Direction(client, server)  # client -> server
+        self.down = Direction(server, client)  # server -> client
         self.closed = False
         self.target_error: OSError | None = None
 
@@ -406,6 +470,7 @@ class RelayConn(Protocol):
 
     client: socket.socket
     server: socket.socket
+    connecting: bool  # the target socket's connect() is in progress
     closed: bool
 
 
@@ -418,11 +483,12 @@ class RelayThread(Generic[ConnT]):
     The thread runs a selector over non-blocking sockets: the listener, a
     wake-up socket pair and both sockets of every relayed connection (with
     ``TCP_NODELAY`` on both sides).  Subclasses make a connection object per
-    accepted client (:meth:`_new_conn`), service its sockets
-    (:meth:`_service`), register their interest (:meth:`_update`) and handle
-    an unreachable target (:meth:`_target_failed`); everything runs with
-    ``_cond`` held.  :meth:`close` wakes the thread through the socket pair,
-    joins it and closes every socket.
+    accepted client (:meth:`_new_conn`), relay what its sockets are ready
+    for once the target is connected (:meth:`_relay`), register their
+    interest (:meth:`_update`) and handle an unreachable target
+    (:meth:`_target_failed`); everything runs with ``_cond`` held.
+    :meth:`close` wakes the thread through the socket pair, joins it and
+    closes every socket.
 
     File descriptors: :meth:`owned_fds` returns the descriptors the relay
     holds (listener, wake pair, selector, relayed sockets) plus those it has
@@ -474,11 +540,11 @@ class RelayThread(Generic[ConnT]):
             }
             for conn in self._conns:
                 fds.update(s.fileno() for s in (conn.client, conn.server) if s.fileno() != -1)
-            selector_fd = getattr(self._selector, "fileno", None)
-            if callable(selector_fd) and not self._selector_closed:
-                fds.add(selector_fd())
+            selector = None if self._selector_closed else selector_fd(self._selector)
+            if selector is not None:
+                fds.add(selector)
             closed = set(self._closed_fds)
-        fds |= {fd for fd in closed - fds if not _is_open(fd)}
+        fds |= {fd for fd in closed - fds if not is_open(fd)}
         return fds
 
     @property
@@ -504,9 +570,9 @@ class RelayThread(Generic[ConnT]):
             for sock in (self._listener, self._wake_r, self._wake_w):
                 self._close_sock(sock)
             if not self._selector_closed:
-                selector_fd = getattr(self._selector, "fileno", None)
-                if callable(selector_fd):
-                    self._closed_fds.add(selector_fd())
+                selector = selector_fd(self._selector)
+                if selector is not None:
+                    self._closed_fds.add(selector)
                 self._selector.close()
                 self._selector_closed = True
             self._cond.notify_all()
@@ -524,6 +590,10 @@ class RelayThread(Generic[ConnT]):
     ) -> None:
         self.close()
 
+    def wait_closed(self, count: int, timeout: float = 10.0) -> bool:
+        """Wait until at least ``count`` connections are finished; false on timeout."""
+        return self._wait(lambda conns: sum(conn.closed for conn in conns) >= count, timeout)
+
     def _wait(self, predicate: Callable[[list[ConnT]], bool], timeout: float) -> bool:
         """Wait until ``predicate(connections)`` holds (evaluated again each
         time the thread has done something); false on timeout or if the
@@ -538,7 +608,9 @@ class RelayThread(Generic[ConnT]):
     def _new_conn(self, client: socket.socket, server: socket.socket) -> ConnT:
         raise NotImplementedError
 
-    def _service(self, conn: ConnT, sock: object, events: int) -> None:
+    def _relay(self, conn: ConnT, sock: object, events: int) -> None:
+        """``sock`` of ``conn`` is ready for ``events`` (the target is connected
+        if ``sock`` is the target socket)."""
         raise NotImplementedError
 
     def _update(self, conn: ConnT) -> None:
@@ -575,14 +647,8 @@ class RelayThread(Generic[ConnT]):
                 self._cond.notify_all()
 
     def _accept_all(self) -> None:
-        while True:
-            with self._cond:
-                try:
-                    client, _ = self._listener.accept()
-                except BlockingIOError:
-                    return
-                except ConnectionAbortedError:  # reset by the client before accept()
-                    continue
+        with self._cond:
+            for client in accept_pending(self._listener):
                 client.setblocking(False)
                 server = socket.socket(self._target_family, socket.SOCK_STREAM)
                 conn = self._new_conn(client, server)
@@ -599,14 +665,17 @@ class RelayThread(Generic[ConnT]):
                     continue
                 self._update(conn)
 
-    def _connected(self, conn: ConnT) -> bool:
-        """The target socket became writable while connecting: true if the
-        connection succeeded, else :meth:`_target_failed` has been called."""
-        err = conn.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            self._target_failed(conn, OSError(err, os.strerror(err)))
-            return False
-        return True
+    def _service(self, conn: ConnT, sock: object, events: int) -> None:
+        with self._cond:
+            if conn.closed:
+                return
+            if conn.connecting and sock is conn.server:  # writable: connect() ended
+                err = conn.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    self._target_failed(conn, OSError(err, os.strerror(err)))
+                    return
+                conn.connecting = False
+            self._relay(conn, sock, events)
 
     def _finish(self, conn: ConnT) -> None:
         self._close_sock(conn.client)
@@ -619,12 +688,10 @@ class CaptureRelay(RelayThread[_Conn]):
     """Relays TCP connections from 127.0.0.1:``port`` to a target and records them.
 
     When one side sends EOF, the relay writes what is still pending to the
-    other side and then shuts that side down for writing, so a client
-    waiting for the server's EOF sees it; when both directions are finished,
-    both sockets are closed and the capture counts as ``closed``.  A side
-    that resets is treated as EOF, and bytes that can no longer be delivered
-    are dropped (still recorded).  Threading and descriptors: see
-    :class:`RelayThread`.
+    other side and then shuts that side down for writing (:class:`Direction`),
+    so a client waiting for the server's EOF sees it; when both directions
+    are finished, both sockets are closed and the capture counts as
+    ``closed``.  Threading and descriptors: see :class:`RelayThread`.
     """
 
     def __init__(self, target_host: str, target_port: int) -> None:
@@ -636,10 +703,6 @@ class CaptureRelay(RelayThread[_Conn]):
         """A snapshot of every connection accepted so far, in accept order."""
         with self._cond:
             return [conn.snapshot() for conn in self._conns]
-
-    def wait_closed(self, count: int, timeout: float = 10.0) -> bool:
-        """Wait until at least ``count`` connections are finished; false on timeout."""
-        return self._wait(lambda conns: sum(conn.closed for conn in conns) >= count, timeout)
 
     def wait_for(self, predicate: Callable[[list[Capture]], bool], timeout: float = 10.0) -> bool:
         """Wait until ``predicate(self.captures())`` holds; false on timeout.
@@ -662,58 +725,19 @@ class CaptureRelay(RelayThread[_Conn]):
         conn.down.eof = conn.down.done = True
         self._finish(conn)
 
-    def _service(self, conn: _Conn, sock: object, events: int) -> None:
-        with self._cond:
-            if conn.closed:
-                return
-            if conn.connecting and sock is conn.server:
-                if not self._connected(conn):
-                    return
-                conn.connecting = False
-                events |= selectors.EVENT_WRITE
+    def _relay(self, conn: _Conn, sock: object, events: int) -> None:
+        for direction in (conn.up, conn.down):
+            if direction.src is sock and events & selectors.EVENT_READ:
+                data = direction.read()
+                if not direction.broken:
+                    direction.pending += data
+        if not conn.connecting:
             for direction in (conn.up, conn.down):
-                if direction.src is sock and events & selectors.EVENT_READ:
-                    self._read(direction)
-            for direction in (conn.up, conn.down):
-                self._flush(conn, direction)
-            if conn.up.done and conn.down.done:
-                self._finish(conn)
-            else:
-                self._update(conn)
-
-    def _read(self, direction: _Direction) -> None:
-        try:
-            data = direction.src.recv(_READ_CHUNK)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:  # ECONNRESET and the like: the side is gone
-            data = b""
-        if not data:
-            direction.eof = True
-            return
-        direction.recorded += data
-        if not direction.broken:
-            direction.pending += data
-
-    def _flush(self, conn: _Conn, direction: _Direction) -> None:
-        if conn.connecting or direction.done:
-            return
-        if direction.pending and not direction.broken:
-            try:
-                sent = direction.dst.send(direction.pending)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:  # EPIPE / ECONNRESET: the receiver is gone
-                direction.broken = True
-                direction.pending.clear()
-            else:
-                del direction.pending[:sent]
-        if direction.broken:
-            direction.pending.clear()
-        if direction.eof and not direction.pending:
-            with contextlib.suppress(OSError):  # ENOTCONN after a reset
-                direction.dst.shutdown(socket.SHUT_WR)
-            direction.done = True
+                direction.flush()
+        if conn.up.done and conn.down.done:
+            self._finish(conn)
+        else:
+            self._update(conn)
 
     def _update(self, conn: _Conn) -> None:
         """Register each socket of ``conn`` for what it is waiting for."""
@@ -731,11 +755,3 @@ class CaptureRelay(RelayThread[_Conn]):
             client_mask |= selectors.EVENT_READ
         for sock, mask in ((conn.client, client_mask), (conn.server, server_mask)):
             set_interest(self._selector, sock, mask, conn)
-
-
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True

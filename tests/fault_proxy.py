@@ -79,7 +79,14 @@ import struct
 from collections.abc import Callable
 from typing import Final, Literal
 
-from capture import SSL_REQUEST_CODE, TLS_HANDSHAKE, RelayThread, set_interest
+from capture import (
+    GSSENC_REQUEST_CODE,
+    SSL_REQUEST_CODE,
+    TLS_HANDSHAKE,
+    Direction,
+    RelayThread,
+    set_interest,
+)
 
 __all__ = [
     "FAULT_KINDS",
@@ -97,8 +104,6 @@ __all__ = [
 FaultKind = Literal["cut", "reset", "stall", "corrupt"]
 FAULT_KINDS: Final[tuple[FaultKind, ...]] = ("cut", "reset", "stall", "corrupt")
 
-_GSSENC_REQUEST_CODE: Final = 80877104
-_READ_CHUNK: Final = 65536
 _FLUSH_TIMEOUT: Final = 2.0  # a cut first delivers the bytes before its point
 
 # Framings of a stream (see the module docstring).
@@ -308,27 +313,21 @@ def _first_kind(packet: bytes) -> str:
     code = struct.unpack_from("!i", packet, 4)[0] if len(packet) >= 8 else 0
     if code == SSL_REQUEST_CODE:
         return "ssl_request"
-    if code == _GSSENC_REQUEST_CODE:
+    if code == GSSENC_REQUEST_CODE:
         return "gssenc_request"
     return "startup"
 
 
-class _Stream:
+class _Stream(Direction):
     """One direction: bytes read, bytes waiting to be written, units."""
 
     def __init__(self, src: socket.socket, dst: socket.socket, framing: str) -> None:
-        self.src = src
-        self.dst = dst
+        super().__init__(src, dst)
         self.framing = framing
-        self.recorded = bytearray()
-        self.pending = bytearray()
         self.released = 0  # recorded bytes moved to pending (or dropped)
         self.parsed = 0  # offset of the next unit to parse
         self.units: list[Unit] = []
         self.current: int | None = None  # length of the unit at ``parsed``, once known
-        self.eof = False
-        self.broken = False
-        self.done = False
 
 
 class _Conn:
@@ -344,8 +343,7 @@ class _Conn:
         self.closed = False
         self.target_error: OSError | None = None
         # flight bookkeeping (module docstring)
-        self.client_done = 0  # complete client units
-        self.client_done_at_last_server_unit = -1
+        self.client_done_at_last_server_unit = -1  # len(up.units) when a server unit last began
         self.server_flight = -1
         self.server_index = 0
         self.server_done_at_last_client_unit = -1
@@ -392,10 +390,6 @@ class FaultProxy(RelayThread[_Conn]):
         (or if the proxy thread failed)."""
         return self._wait(lambda conns: predicate([conn.snapshot() for conn in conns]), timeout)
 
-    def wait_closed(self, count: int, timeout: float = 10.0) -> bool:
-        """Wait until at least ``count`` connections are finished; false on timeout."""
-        return self._wait(lambda conns: sum(conn.closed for conn in conns) >= count, timeout)
-
     # -- proxy thread -------------------------------------------------------
 
     def _new_conn(self, client: socket.socket, server: socket.socket) -> _Conn:
@@ -405,43 +399,28 @@ class FaultProxy(RelayThread[_Conn]):
         conn.target_error = error
         self._finish(conn)
 
-    def _service(self, conn: _Conn, sock: object, events: int) -> None:
-        with self._cond:
-            if conn.closed:
+    def _relay(self, conn: _Conn, sock: object, events: int) -> None:
+        for stream in (conn.up, conn.down):
+            readable = stream.src is sock and events & selectors.EVENT_READ
+            if readable and self._read(conn, stream):  # the fault closed it
                 return
-            if conn.connecting and sock is conn.server:
-                if not self._connected(conn):
-                    return
-                conn.connecting = False
-            for stream in (conn.up, conn.down):
-                readable = stream.src is sock and events & selectors.EVENT_READ
-                if readable and self._read(conn, stream):  # the fault closed it
-                    return
-            if conn.stalled:
-                if conn.up.eof:  # the client gave up: release the server
-                    self._finish(conn)
-                else:
-                    self._update(conn)
-                return
-            for stream in (conn.up, conn.down):
-                self._flush(stream)
-            if conn.up.done and conn.down.done:
+        if conn.stalled:
+            if conn.up.eof:  # the client gave up: release the server
                 self._finish(conn)
             else:
                 self._update(conn)
+            return
+        for stream in (conn.up, conn.down):
+            stream.flush()
+        if conn.up.done and conn.down.done:
+            self._finish(conn)
+        else:
+            self._update(conn)
 
     def _read(self, conn: _Conn, stream: _Stream) -> bool:
         """Read what ``stream.src`` has; true if the connection is now closed."""
-        try:
-            data = stream.src.recv(_READ_CHUNK)
-        except (BlockingIOError, InterruptedError):
+        if not stream.read():
             return False
-        except OSError:
-            data = b""
-        if not data:
-            stream.eof = True
-            return False
-        stream.recorded += data
         self._parse(conn, stream)
         if conn.closed:
             return True
@@ -507,18 +486,18 @@ class FaultProxy(RelayThread[_Conn]):
             conn.client_index += 1
         conn.server_done_at_last_client_unit = len(conn.down.units)
         stream.units.append(Unit(start, length, kind, conn.client_flight, conn.client_index))
-        conn.client_done += 1
 
     def _server_unit_begins(self, conn: _Conn, start: int) -> None:
         stream = conn.down
         if stream.framing == _UNKNOWN:
             stream.framing = _TYPED
-        if conn.client_done != conn.client_done_at_last_server_unit:
+        client_done = len(conn.up.units)  # complete client units
+        if client_done != conn.client_done_at_last_server_unit:
             conn.server_flight += 1
             conn.server_index = 0
         else:
             conn.server_index += 1
-        conn.client_done_at_last_server_unit = conn.client_done
+        conn.client_done_at_last_server_unit = client_done
         # the kind is known once the unit is complete; a placeholder until then
         unit = Unit(start, 0, "?", conn.server_flight, conn.server_index)
         stream.units.append(unit)
@@ -532,7 +511,7 @@ class FaultProxy(RelayThread[_Conn]):
             raise AssertionError("fault point already relayed")
         if fault.kind == "corrupt":
             return  # applied when the unit is complete
-        conn.hit = Hit(fault.point.step, fault.kind, unit, conn.client_done)
+        conn.hit = Hit(fault.point.step, fault.kind, unit, client_done)
         # deliver what came before the point, then act
         stream.pending += stream.recorded[stream.released : start]
         stream.released = start
@@ -577,7 +556,7 @@ class FaultProxy(RelayThread[_Conn]):
                 raise ValueError(f"corrupt_at {fault.corrupt_at} outside a {length}-byte unit")
             corrupted = bytearray(unit_bytes)
             corrupted[at] ^= fault.mask
-            conn.hit = Hit(fault.point.step, fault.kind, unit, conn.client_done, start + at)
+            conn.hit = Hit(fault.point.step, fault.kind, unit, len(conn.up.units), start + at)
             stream.pending += stream.recorded[stream.released : start] + corrupted
             stream.released = start + length
             conn.hold = None
@@ -600,26 +579,6 @@ class FaultProxy(RelayThread[_Conn]):
             with contextlib.suppress(OSError):
                 sock.setblocking(False)
         stream.pending.clear()
-
-    def _flush(self, stream: _Stream) -> None:
-        if stream.done:
-            return
-        if stream.pending and not stream.broken:
-            try:
-                sent = stream.dst.send(stream.pending)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                stream.broken = True
-                stream.pending.clear()
-            else:
-                del stream.pending[:sent]
-        if stream.broken:
-            stream.pending.clear()
-        if stream.eof and not stream.pending:
-            with contextlib.suppress(OSError):
-                stream.dst.shutdown(socket.SHUT_WR)
-            stream.done = True
 
     def _update(self, conn: _Conn) -> None:
         client_mask = server_mask = 0

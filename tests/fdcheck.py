@@ -21,7 +21,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator
 
-__all__ = ["assert_no_fd_leak", "describe_fds", "open_fds"]
+__all__ = ["assert_no_fd_leak", "describe_fds", "is_open", "open_fds"]
 
 _FD_DIR = "/proc/self/fd"
 
@@ -33,15 +33,16 @@ def open_fds() -> set[int]:
     listing but is closed by the time it returns; every listed number that is
     no longer open is dropped, which removes it.
     """
-    listed = {int(name) for name in os.listdir(_FD_DIR)}
-    still_open = set()
-    for fd in listed:
-        try:
-            os.fstat(fd)
-        except OSError:
-            continue
-        still_open.add(fd)
-    return still_open
+    return {fd for fd in map(int, os.listdir(_FD_DIR)) if is_open(fd)}
+
+
+def is_open(fd: int) -> bool:
+    """Whether descriptor *fd* is open in this process now."""
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 def _target(fd: int) -> str:

@@ -99,10 +99,13 @@ psycopg.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import os
 import selectors
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -110,6 +113,7 @@ from typing import Any, Final
 
 import pytest
 import trustme
+from capture import accept_pending, selector_fd
 from pgproto_adapters._cluster import (
     Cluster,
     PgBouncer,
@@ -131,6 +135,7 @@ __all__ = [
     "closed_port",
     "cluster_factory",
     "connect_params",
+    "drop_pg_environment",
     "hba_lines",
     "multi_host_conninfo",
     "no_pg_environment",
@@ -262,15 +267,20 @@ def connect_params(
     return params
 
 
+def drop_pg_environment(patch: pytest.MonkeyPatch) -> None:
+    """Remove every ``PG*`` environment variable through *patch* (which restores them)."""
+    for key in list(os.environ):
+        if key.startswith("PG"):
+            patch.delenv(key)
+
+
 @pytest.fixture
 def no_pg_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """No ``PG*`` variable reaches pgproto, libpq or psycopg during the test.
 
     A module opts in with ``pytestmark = pytest.mark.usefixtures("no_pg_environment")``.
     """
-    for key in list(os.environ):
-        if key.startswith("PG"):
-            monkeypatch.delenv(key)
+    drop_pg_environment(monkeypatch)
 
 
 @pytest.fixture(scope="session")
@@ -526,13 +536,7 @@ class SilentListener:
             self._error = exc
 
     def _accept_all(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except BlockingIOError:
-                return
-            except ConnectionAbortedError:  # reset by the client before accept()
-                continue
+        for conn in accept_pending(self._listener):
             with self._cond:
                 self._conns.append(conn)
                 self._cond.notify_all()
@@ -553,13 +557,12 @@ class SilentListener:
         socks = [self._listener, self._wake_r, self._wake_w]
         with self._cond:
             socks.extend(self._conns)
-        fds = {s.fileno() for s in socks} | {self._selector_fd()}
+        fds = {s.fileno() for s in socks}
+        selector = selector_fd(self._selector)
+        if selector is not None:
+            fds.add(selector)
         fds.discard(-1)
         return fds
-
-    def _selector_fd(self) -> int:
-        fileno = getattr(self._selector, "fileno", None)
-        return fileno() if callable(fileno) else -1
 
     def close(self) -> None:
         """Stop the thread and close every socket (idempotent)."""
@@ -580,11 +583,8 @@ class SilentListener:
 @pytest.fixture(scope="session")
 def silent_listener() -> Iterator[SilentListener]:
     """A :class:`SilentListener` for the whole session."""
-    listener = SilentListener()
-    try:
+    with contextlib.closing(SilentListener()) as listener:
         yield listener
-    finally:
-        listener.close()
 
 
 class SynBlackhole:
@@ -628,16 +628,12 @@ class SynBlackhole:
 
     def queue_full(self) -> bool:
         """Whether the listener's accept queue is full (so SYNs are dropped)."""
-        import sys
-
         info = self._listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
         queued = int.from_bytes(info[24:28], sys.byteorder)  # tcpi_unacked
         backlog = int.from_bytes(info[28:32], sys.byteorder)  # tcpi_sacked
         return queued > backlog
 
     def _fill(self, timeout: float) -> None:
-        import errno
-
         with selectors.DefaultSelector() as selector:
             while not self.queue_full():
                 if len(self._fillers) >= 8:
@@ -681,8 +677,5 @@ class SynBlackhole:
 @pytest.fixture(scope="session")
 def syn_blackhole() -> Iterator[SynBlackhole]:
     """A :class:`SynBlackhole` for the whole session: connecting to it never completes."""
-    blackhole = SynBlackhole()
-    try:
+    with contextlib.closing(SynBlackhole()) as blackhole:
         yield blackhole
-    finally:
-        blackhole.close()

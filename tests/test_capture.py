@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pg_admin
 import psycopg
 import pytest
 from capture import (
@@ -403,19 +404,15 @@ def _wait_sleeping(pg18: Cluster, pid: int) -> None:
 
     A cancel that reaches a backend still waiting for the query is dropped
     (PostgreSQL ignores SIGINT while reading a command).  This polls
-    pg_stat_activity over a direct connection, one query after the other.
+    pg_stat_activity from an admin session.
     """
-    deadline = time.monotonic() + 10
-    with psycopg.connect(
-        host=pg18.host, port=pg18.port, user="postgres", dbname="postgres", autocommit=True
-    ) as direct:
-        while True:
-            row = direct.execute(
-                "SELECT wait_event FROM pg_stat_activity WHERE pid = %s", [pid]
-            ).fetchone()
-            if row == ("PgSleep",):
-                return
-            assert time.monotonic() < deadline, f"backend {pid} is not sleeping: {row}"
+    with pg_admin.admin_session(pg18) as admin:
+        pg_admin.wait_until(
+            lambda: pg_admin.activity(admin, pid, ("wait_event",)) == ("PgSleep",),
+            f"backend {pid} to sleep",
+            patience=10,
+            period=0.005,
+        )
 
 
 def _legacy_cancel(conn: psycopg.Connection[Any]) -> None:

@@ -66,7 +66,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -86,8 +85,9 @@ from pgproto_adapters import anyio as anyio_adapter
 from pgproto_adapters import asyncio as asyncio_adapter
 from pgproto_adapters import blocking
 from pgproto_adapters import trio as trio_adapter
-from pgproto_adapters._cluster import Cluster, PgBouncer, _conninfo_value
-from servers import ROLES, TLSMaterial, connect_params
+from pgproto_adapters._cluster import Cluster, PgBouncer
+from psycopg.conninfo import make_conninfo
+from servers import ROLES, TLSMaterial, connect_params, drop_pg_environment
 
 import pgproto
 
@@ -101,10 +101,6 @@ PASSWORD: Final = ROLES[USER].password
 FLAVOURS: Final = ("blocking", "asyncio", "trio", "anyio-asyncio", "anyio-trio")
 
 wait_until = functools.partial(pg_admin.wait_until, patience=15.0, period=0.01)
-
-
-def conninfo(params: dict[str, str]) -> str:
-    return " ".join(f"{key}={_conninfo_value(value)}" for key, value in params.items())
 
 
 # --------------------------------------------------------------------------
@@ -299,9 +295,7 @@ def expected_error(kind: str, transport: str, step: str) -> tuple[type[BaseExcep
 def libpq() -> Iterator[LibpqWorkers]:
     """One libpq worker process, spawned without any PG* variable."""
     with pytest.MonkeyPatch.context() as patch:
-        for key in list(os.environ):
-            if key.startswith("PG"):
-                patch.delenv(key)
+        drop_pg_environment(patch)
         workers = LibpqWorkers(1)
     try:
         yield workers
@@ -348,7 +342,9 @@ def clean_points(
             shapes = []
             for client in ("pgproto", "libpq"):
                 with FaultProxy(server.host, server.port) as proxy:
-                    dsn = conninfo(_params(server, transport, tls_material, port=str(proxy.port)))
+                    dsn = make_conninfo(
+                        "", **_params(server, transport, tls_material, port=str(proxy.port))
+                    )
                     if client == "pgproto":
                         blocking.connect(dsn, env=ENV).close()
                     else:
@@ -406,7 +402,7 @@ def run_case(
         try:
             params = _params(server, transport, tls)
             params.update(host="127.0.0.1,127.0.0.1", port=f"{proxy.port},{server.port}")
-            dsn = conninfo(params)
+            dsn = make_conninfo("", **params)
             with ThreadPoolExecutor(max_workers=len(FLAVOURS) + 1) as pool:
                 jobs = [pool.submit(run_libpq, libpq, dsn)]
                 jobs += [pool.submit(run_flavour, flavour, dsn) for flavour in FLAVOURS]
@@ -434,8 +430,13 @@ def run_case(
 
     [oracle, *flavours] = results
     assert oracle.libpq is not None
+    port_of: dict[str, int | None] = {
+        NEXT_HOST: server.port,
+        CONNECTED_HERE: proxy.port,
+        GIVE_UP: None,
+    }
     decision = expected_decision(kind, transport, step)
-    want_port = {NEXT_HOST: server.port, CONNECTED_HERE: proxy.port, GIVE_UP: None}[decision]
+    want_port = port_of[decision]
     bound = CONNECT_TIMEOUT * 2 + SLACK
     # libpq is the oracle: first check that it did what the model says
     assert oracle.port == want_port, f"libpq: {oracle.describe()}"
@@ -443,7 +444,7 @@ def run_case(
         assert [(t.where, t.port) for t in oracle.libpq.tried] == [("127.0.0.1", proxy.port)]
     assert oracle.elapsed < bound
     decision = pgproto_decision(kind, transport, step)
-    want_port = {NEXT_HOST: server.port, CONNECTED_HERE: proxy.port, GIVE_UP: None}[decision]
+    want_port = port_of[decision]
     for result in flavours:
         what = f"{result.client}: {result.describe()}"
         assert result.elapsed < bound, f"{what} took {result.elapsed:.1f} s"
@@ -620,7 +621,7 @@ def storm_cluster(
 
 
 def _storm_dsn(cluster: Cluster, tls: TLSMaterial) -> str:
-    return conninfo(_params(cluster, "tls", tls))
+    return make_conninfo("", **_params(cluster, "tls", tls))
 
 
 class AsyncStorm:

@@ -150,12 +150,14 @@ class Run:
     Like ``fake_server.Harness``, but a command listed in ``hold`` is left
     unanswered (the state "waiting for a name" or "for a transport"), and
     nothing is asserted while driving: the properties are checked by
-    :func:`check_run` afterwards.
+    :func:`check_run` afterwards.  ``ResolveHost`` gets ``addresses[host]``
+    (a recording's), or 192.0.2.10 without ``addresses``.
     """
 
     machine: pgproto.ConnectionStateMachine
     server: FakeServer | None = None
     hold: tuple[type[Event], ...] = ()
+    addresses: dict[str, list[str]] | None = None
     events: list[Event] = field(default_factory=list)
     unsent: bytearray = field(default_factory=bytearray)
     error: pgproto.Error | None = None
@@ -180,7 +182,8 @@ class Run:
             if isinstance(event, self.hold):
                 continue
             if isinstance(event, ResolveHost):
-                m.addresses_resolved(["192.0.2.10"])
+                addresses = self.addresses
+                m.addresses_resolved(["192.0.2.10"] if addresses is None else addresses[event.host])
             elif isinstance(event, OpenConnection):
                 m.connection_made()
         raise Hang(f"no settled state after {MAX_CALLS} next_event() calls")
@@ -228,15 +231,11 @@ class State:
     tls: bool = False
 
 
-def _machine(**params: str | int | None) -> pgproto.ConnectionStateMachine:
-    return make_machine(**params)
-
-
 def _plain(
     turns: Sequence[bytes] = (), *, query: bool = False, **params: str | int | None
 ) -> Callable[[], Run]:
     def build() -> Run:
-        run = Run(_machine(**params))
+        run = Run(make_machine(**params))
         status = run.pump()
         for turn in turns:
             assert status is READING, status
@@ -251,7 +250,7 @@ def _plain(
 
 
 def _held(until: type[Event], *, made: bool = False, **params: str | int | None) -> Run:
-    run = Run(_machine(**params), hold=(until,))
+    run = Run(make_machine(**params), hold=(until,))
     run.pump()
     if until is OpenConnection and not any(isinstance(e, OpenConnection) for e in run.events):
         raise AssertionError("no OpenConnection")
@@ -263,7 +262,7 @@ def _held(until: type[Event], *, made: bool = False, **params: str | int | None)
 
 def _tls_hello(**params: str | int | None) -> Run:
     """The ClientHello is out; the real server has not answered."""
-    run = Run(_machine(sslmode="require", **params), server=FakeServer(_server_context()))
+    run = Run(make_machine(sslmode="require", **params), server=FakeServer(_server_context()))
     run.pump()
     if params.get("sslnegotiation") != "direct":
         assert run.take() == wire.ssl_request()
@@ -273,7 +272,7 @@ def _tls_hello(**params: str | int | None) -> Run:
 
 def _tls12_finished() -> Run:
     """TLS 1.2: the client sent its Finished and waits for the server's."""
-    run = Run(_machine(sslmode="require"), server=FakeServer(_server_context(tls12=True)))
+    run = Run(make_machine(sslmode="require"), server=FakeServer(_server_context(tls12=True)))
     run.pump()
     assert run.take() == wire.ssl_request()
     run.feed(b"S")
@@ -580,16 +579,24 @@ def apply(run: Run, op: Op) -> None:
         raise AssertionError(name)
 
 
+def _apply_all(run: Run, ops: Sequence[Op], *, check_each: bool = False) -> Run:
+    """Apply *ops* until the machine raises (kept as ``run.error``); with
+    *check_each*, :func:`check_buffer` after each of them."""
+    try:
+        for op in ops:
+            apply(run, op)
+            if check_each:
+                check_buffer(run.machine)
+    except pgproto.Error as exc:
+        run.error = exc
+    return run
+
+
 def fuzz_run(state: State, ops: Sequence[Op]) -> Run:
     """Build *state*, apply *ops* until the machine fails, check the properties."""
     run = state.build()
     assert run.machine.status is state.status, (state.name, run.machine.status)
-    try:
-        for op in ops:
-            apply(run, op)
-            check_buffer(run.machine)
-    except pgproto.Error as exc:
-        run.error = exc
+    _apply_all(run, ops, check_each=True)
     check_run(run)
     return run
 
@@ -679,11 +686,17 @@ def op_lists(draw: st.DrawFn, tls: bool) -> list[Op]:
     return ops
 
 
-FUZZ_SETTINGS: Final = settings(
-    max_examples=150,
+#: Every Hypothesis test here: reproducible, no deadline, no example database;
+#: each sets its own ``max_examples``.
+_SETTINGS: Final = settings(
     deadline=None,
     derandomize=True,
     database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+FUZZ_SETTINGS: Final = settings(
+    _SETTINGS,
+    max_examples=150,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
@@ -696,13 +709,7 @@ def test_arbitrary_input_in_every_state(name: str, data: st.DataObject) -> None:
     fuzz_run(state, data.draw(op_lists(state.tls), label="ops"))
 
 
-@settings(
-    max_examples=300,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+@settings(_SETTINGS, max_examples=300)
 @given(st.binary(max_size=300))
 @example(b"\x00")
 @example(bytes([STATE_LIST.index(STATES["tls-hello"]), _OP_CODES["server"]]))
@@ -757,15 +764,6 @@ def test_huge_lengths_allocate_nothing_in_any_state(length: int) -> None:
             check_run(run)
 
 
-def _apply_all(run: Run, ops: Sequence[Op]) -> Run:
-    try:
-        for op in ops:
-            apply(run, op)
-    except pgproto.Error as exc:
-        run.error = exc
-    return run
-
-
 @pytest.mark.parametrize("name", ["query", "tls-idle"])
 def test_a_long_data_row_costs_what_arrived(name: str) -> None:
     """A DataRow may be 1 GiB long; only its bytes so far are held, not 1 GiB."""
@@ -784,13 +782,7 @@ def test_a_long_data_row_costs_what_arrived(name: str) -> None:
     check_run(run)
 
 
-@settings(
-    max_examples=40,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+@settings(_SETTINGS, max_examples=40)
 @given(
     name=st.sampled_from(list(STATES)),
     kind=st.integers(0, 255),
@@ -865,13 +857,7 @@ def _recorded(name: str) -> tuple[list[str], bytes, dict[str, Any], ConnStatus]:
     return _shown(result.events), result.client, transcripts.outcome(result), result.machine.status
 
 
-_SPLIT_SETTINGS: Final = settings(
-    max_examples=30,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+_SPLIT_SETTINGS: Final = settings(_SETTINGS, max_examples=30)
 
 
 @pytest.mark.parametrize("name", _T_IDS)
@@ -938,32 +924,12 @@ def mutations(draw: st.DrawFn, data: bytes) -> bytes:
 def replay_hostile(t: transcripts.Transcript, chunks: Sequence[bytes]) -> Run:
     """Replay *t*'s parameters against *chunks*; when they run out, EOF (a
     server that hangs up), as often as the machine reconnects."""
-    run = Run(transcripts.make_machine(t.params, t.nonce))
+    run = Run(transcripts.make_machine(t.params, t.nonce), addresses=t.resolved)
     queue = list(chunks)
     m = run.machine
-
-    def pump() -> PollingStatus:
-        # Run.pump answers ResolveHost with 192.0.2.10: use the recording's.
-        for _ in range(MAX_CALLS):
-            run.calls += 1
-            event = m.next_event()
-            if event is NEED_DATA:
-                status = m.poll()
-                if status is WRITING:
-                    if not m.data_to_send():
-                        raise Hang("WRITING with nothing to send")
-                    continue
-                return status
-            run.events.append(event)
-            if isinstance(event, ResolveHost):
-                m.addresses_resolved(t.resolved[event.host])
-            elif isinstance(event, OpenConnection):
-                m.connection_made()
-        raise Hang("no settled state")
-
     eofs = 0
     try:
-        status = pump()
+        status = run.pump()
         while status is READING:
             if queue:
                 m.receive_data(queue.pop(0))
@@ -971,29 +937,23 @@ def replay_hostile(t: transcripts.Transcript, chunks: Sequence[bytes]) -> Run:
                 eofs += 1
                 assert eofs <= 8, "the machine keeps reading after EOF"
                 m.receive_data(b"")
-            status = pump()
+            status = run.pump()
         if status is OK:
             if t.query is not None:
                 m.send_query(t.query)
-                status = pump()
+                status = run.pump()
                 while status is READING and queue:
                     m.receive_data(queue.pop(0))
-                    status = pump()
+                    status = run.pump()
             m.close()
-            pump()
+            run.pump()
     except pgproto.Error as exc:
         run.error = exc
     return run
 
 
 @pytest.mark.parametrize("name", _T_IDS)
-@settings(
-    max_examples=60,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+@settings(_SETTINGS, max_examples=60)
 @given(data=st.data())
 def test_mutated_transcripts_only_raise_pgproto_errors(name: str, data: st.DataObject) -> None:
     transcript = _BY_NAME[name]
@@ -1098,6 +1058,11 @@ def _kv_quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def _kv_escape(value: str) -> str:
+    """*value* unquoted, its spaces, quotes and backslashes escaped."""
+    return "".join("\\" + c if c in " \t\n\r\x0b\x0c'\\" else c for c in value)
+
+
 def _uri_quote(value: str) -> str:
     try:
         data = value.encode("utf-8", "surrogateescape")
@@ -1120,7 +1085,7 @@ def kv_strings(draw: st.DrawFn) -> str:
         if form == "quoted":
             text = _kv_quote(value)
         elif form == "plain":
-            text = "".join("\\" + c if c in " \t\n\r\x0b\x0c'\\" else c for c in value) or "''"
+            text = _kv_escape(value) or "''"
         else:
             text = value
         parts.append(f"{keyword}={text}")
@@ -1196,13 +1161,7 @@ def check_conninfo(conninfo: str, passwords: Sequence[str] = ()) -> None:
             assert password not in text, "a password is quoted in an error message"
 
 
-STRING_SETTINGS: Final = settings(
-    max_examples=700,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+STRING_SETTINGS: Final = settings(_SETTINGS, max_examples=700)
 
 
 @STRING_SETTINGS
@@ -1260,11 +1219,7 @@ def strings_with_password(draw: st.DrawFn) -> tuple[str, str]:
     where = draw(st.sampled_from(["kv-quoted", "kv-plain", "uri-userinfo", "uri-query"]))
     keyword = draw(st.sampled_from(["password", "sslpassword"]))
     if where.startswith("kv"):
-        value = (
-            _kv_quote(password)
-            if where == "kv-quoted"
-            else "".join("\\" + c if c in " \t\n\r\x0b\x0c'\\" else c for c in password)
-        )
+        value = _kv_quote(password) if where == "kv-quoted" else _kv_escape(password)
         parts = [f"{k}={_kv_quote(v)}" for k, v in others]
         parts.insert(draw(st.integers(0, len(parts))), f"{keyword}={value}")
         return " ".join(parts), password
@@ -1298,7 +1253,7 @@ def test_uri_password_after_an_ampersand_in_the_host_is_masked(conninfo: str) ->
     assert PW_MARK not in str(info.value)
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@settings(_SETTINGS, max_examples=300, suppress_health_check=())
 @given(st.binary(max_size=80))
 def test_conninfo_harness_input_format(data: bytes) -> None:
     check_conninfo_bytes(data)

@@ -6,6 +6,7 @@ psycopg (whose bundled libpq is the oracle elsewhere) checks the servers.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import secrets
 import socket
@@ -13,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pg_admin
 import psycopg
 import pytest
 from fdcheck import assert_no_fd_leak, describe_fds, open_fds
@@ -38,11 +40,7 @@ def _scalar(conninfo: str, sql: str) -> Any:
     return row[0]
 
 
-def _poll(check: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + _DEADLINE
-    while not check():
-        assert time.monotonic() < deadline, f"{what}: not within {_DEADLINE} s"
-        time.sleep(0.02)  # polling interval of a bounded wait
+_poll = functools.partial(pg_admin.wait_until, patience=_DEADLINE, period=0.02)
 
 
 # -- replication ---------------------------------------------------------------

@@ -19,18 +19,7 @@ Run from the repository root (see tests/fuzz/README.md)::
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-TESTS = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(TESTS), str(TESTS.parent), str(TESTS.parent / "adapters")]
-
-import atheris  # type: ignore[import-not-found,import-untyped,unused-ignore]  # noqa: E402
-
-with atheris.instrument_imports(include=["pgproto"]):
-    import pgproto  # noqa: F401
-
-import test_fuzz  # noqa: E402
+from _harness import main, test_fuzz  # first: it instruments pgproto
 
 
 def test_one_input(data: bytes) -> None:
@@ -38,20 +27,5 @@ def test_one_input(data: bytes) -> None:
     test_fuzz.fuzz_run(state, ops)
 
 
-def write_corpus(directory: str) -> None:
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, seed in enumerate(test_fuzz.seed_corpus_machine()):
-        (out / f"seed-{i:03d}").write_bytes(seed)
-
-
-def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "--write-corpus":
-        write_corpus(sys.argv[2])
-        return
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
-
-
 if __name__ == "__main__":
-    main()
+    main(test_one_input, test_fuzz.seed_corpus_machine)
