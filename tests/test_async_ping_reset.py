@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import socket
 import threading
 import time
@@ -51,6 +50,7 @@ from servers import (
     SilentListener,
     TLSMaterial,
     connect_params,
+    drop_pg_environment,
     multi_host_conninfo,
 )
 
@@ -99,9 +99,7 @@ def runner(request: pytest.FixtureRequest) -> Runner:
 @pytest.fixture
 def nopass(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
     """No ``PG*`` variable; the path of a password file that does not exist."""
-    for key in list(os.environ):
-        if key.startswith("PG"):
-            monkeypatch.delenv(key)
+    drop_pg_environment(monkeypatch)
     return str(tmp_path / "no-such-pgpass")
 
 

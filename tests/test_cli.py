@@ -10,16 +10,14 @@ from pathlib import Path
 import pytest
 from pgproto_adapters._cli import main
 from pgproto_adapters._cluster import Cluster, free_port
-from servers import ROLES, TLSMaterial
+from servers import ROLES, TLSMaterial, drop_pg_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for name in list(os.environ):
-        if name.startswith("PG"):
-            monkeypatch.delenv(name)
+    drop_pg_environment(monkeypatch)
     monkeypatch.setenv("HOME", str(tmp_path))
     return tmp_path
 

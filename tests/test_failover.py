@@ -58,7 +58,6 @@ import dataclasses
 import errno
 import functools
 import itertools
-import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Final
@@ -85,6 +84,7 @@ from servers import (
     UNRESOLVABLE_HOST,
     ReplicaPair,
     SilentListener,
+    drop_pg_environment,
     multi_host_conninfo,
 )
 
@@ -208,9 +208,7 @@ class Endpoint:
 def _no_pg_environment() -> Iterator[None]:
     """No PG* variable reaches libpq or pgproto in this module."""
     with pytest.MonkeyPatch.context() as patch:
-        for key in list(os.environ):
-            if key.startswith("PG"):
-                patch.delenv(key)
+        drop_pg_environment(patch)
         yield
 
 

@@ -38,6 +38,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from libpq_oracle import CONNECTION_BAD, LibpqResult
+from servers import drop_pg_environment
 
 import pgproto
 from pgproto import (
@@ -101,9 +102,7 @@ class Sandbox:
 
 @pytest.fixture(autouse=True)
 def sandbox(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Sandbox:
-    for name in list(os.environ):
-        if name.startswith("PG"):
-            monkeypatch.delenv(name)
+    drop_pg_environment(monkeypatch)
     home = tmp_path / "home"
     sysconf = tmp_path / "sysconf"
     home.mkdir()

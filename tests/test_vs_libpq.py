@@ -66,7 +66,7 @@ from pgproto_adapters import trio as trio_adapter
 from pgproto_adapters._cluster import Cluster, PgBouncer
 from pgproto_adapters._common import QueryResult
 from psycopg.conninfo import make_conninfo
-from servers import PGBOUNCER_USERS, ROLES, TLSMaterial
+from servers import PGBOUNCER_USERS, ROLES, TLSMaterial, drop_pg_environment
 
 import pgproto
 
@@ -121,9 +121,7 @@ def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Isolation:
     ``getfixturevalue`` for a server after this): the test bed finds its
     binaries through ``HOME``.
     """
-    for key in list(os.environ):
-        if key.startswith("PG"):
-            monkeypatch.delenv(key)
+    drop_pg_environment(monkeypatch)
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
