@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import ssl
 import struct
@@ -43,10 +44,11 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import scramp  # type: ignore[import-untyped]
+from capture import CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, SSL_REQUEST_CODE, TLS_HANDSHAKE
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
-from fake_server import AUTH_OK, ClientMessage, auth, startup_done
+from fake_server import AUTH_OK, ClientMessage, auth, sasl, startup_done
 
 __all__ = [
     "ClientEOF",
@@ -61,12 +63,6 @@ __all__ = [
     "parse_client_stream",
     "scram_server",
 ]
-
-SSL_REQUEST_CODE: Final = 80877103
-GSSENC_REQUEST_CODE: Final = 80877104
-CANCEL_REQUEST_CODE: Final = 80877102
-#: The first byte of a TLS handshake record (a direct-TLS ClientHello).
-TLS_HANDSHAKE: Final = 0x16
 
 #: How long a script may run, and how long the drain waits for the client to
 #: hang up: generous, only there so that a broken test cannot hang the suite.
@@ -250,6 +246,8 @@ class Peer:
             return Startup("gss")
         if code == CANCEL_REQUEST_CODE:
             return Startup("cancel")
+        # Not fake_server.startup_parameters: that one insists on the final
+        # terminator, this one takes a bare version (length 8) too.
         items = packet[8:].split(b"\x00")
         pairs = items[:-2]
         params = {pairs[i].decode(): pairs[i + 1].decode() for i in range(0, len(pairs) - 1, 2)}
@@ -359,10 +357,6 @@ class Peer:
         self.record.tls = True
         self.record.alpn = obj.selected_alpn_protocol()
         await self._flush_tls()
-
-    @property
-    def tls_object(self) -> ssl.SSLObject | None:
-        return self._tls
 
 
 #: A connection's script.
@@ -498,23 +492,20 @@ def cert_end_point(cert_pem: bytes) -> bytes:
     algorithm = cert.signature_hash_algorithm
     if algorithm is None or isinstance(algorithm, hashes.MD5 | hashes.SHA1):
         algorithm = hashes.SHA256()
-    return hashlib.new(algorithm.name, cert.public_bytes(_DER)).digest()
+    return hashlib.new(algorithm.name, cert.public_bytes(Encoding.DER)).digest()
 
 
-_DER: Final = Encoding.DER
-
-_AUTH_INFO: dict[tuple[str, int], tuple[Any, ...]] = {}
 _SALT: Final = b"hostile-server-salt!"
+_ITERATIONS: Final = 4096
 
 
-def _auth_info(password: str, iterations: int) -> tuple[Any, ...]:
-    key = (password, iterations)
-    info = _AUTH_INFO.get(key)
-    if info is None:
-        mechanism = scramp.ScramMechanism("SCRAM-SHA-256")
-        info = _AUTH_INFO[key] = mechanism.make_auth_info(
-            password, iteration_count=iterations, salt=_SALT
-        )
+@functools.cache
+def _auth_info(password: str) -> tuple[Any, ...]:
+    """scramp's stored verifier for *password* (computed once: PBKDF2 is slow)."""
+    mechanism = scramp.ScramMechanism("SCRAM-SHA-256")
+    info: tuple[Any, ...] = mechanism.make_auth_info(
+        password, iteration_count=_ITERATIONS, salt=_SALT
+    )
     return info
 
 
@@ -529,17 +520,12 @@ class ScramParts:
     server_final: str = ""
 
 
-def _sasl_mechanisms(*names: str) -> bytes:
-    return auth(10, b"".join(n.encode() + b"\x00" for n in names) + b"\x00")
-
-
 async def scram_server(
     peer: Peer,
     password: str,
     *,
     offer: tuple[str, ...] = ("SCRAM-SHA-256",),
     cb_data: bytes | None = None,
-    iterations: int = 4096,
     server_first: Callable[[ScramParts], str] | None = None,
     server_final: Callable[[ScramParts], str] | None = None,
     stop_after: str | None = None,
@@ -552,7 +538,7 @@ async def scram_server(
     returns early at that point.  Does not send
     AuthenticationOk."""
     parts = ScramParts()
-    await peer.send(_sasl_mechanisms(*offer))
+    await peer.send(sasl(*offer))
     if stop_after == "sasl":
         return parts
     initial = await peer.read_message()
@@ -564,16 +550,11 @@ async def scram_server(
     parts.client_first = rest[4 : 4 + length].decode()
     if stop_after == "initial":
         return parts
-    salt, stored_key, server_key, count = _auth_info(password, iterations)
-    if parts.mechanism.endswith("-PLUS"):
-        server = scramp.ScramMechanism(parts.mechanism).make_server(
-            lambda _user: (salt, stored_key, server_key, count),
-            channel_binding=("tls-server-end-point", cb_data),
-        )
-    else:
-        server = scramp.ScramMechanism(parts.mechanism).make_server(
-            lambda _user: (salt, stored_key, server_key, count)
-        )
+    info = _auth_info(password)
+    binding = ("tls-server-end-point", cb_data) if parts.mechanism.endswith("-PLUS") else None
+    server = scramp.ScramMechanism(parts.mechanism).make_server(
+        lambda _user: info, channel_binding=binding
+    )
     # scramp insists on a user name; PostgreSQL ignores it and libpq sends
     # "n=".  Only scramp's parser sees a substitute: the AuthMessage is
     # computed over the client-first-message-bare exactly as received.

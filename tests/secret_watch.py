@@ -31,9 +31,9 @@ registered later in the same test is looked for in them too -- except while
 see them).  A hit fails the
 run and is listed, with the test id and where the text came from, in the
 terminal summary -- with every password masked.  The summary also prints the
-counts per kind; when a real run (:data:`PLAUSIBLE_TESTS` tests or more)
-recorded no exception message or no repr, or registered no password, the watch
-itself is broken and the run fails.
+counts per kind; when a real run (:data:`PLAUSIBLE_TESTS` tests or more, from
+:data:`PLAUSIBLE_FILES` test files or more) recorded no exception message or no
+repr, or registered no password, the watch itself is broken and the run fails.
 
 Tests use :func:`watching` to divert the recording to a scanner of their own
 (to show that a planted password is caught without failing the session).
@@ -76,8 +76,11 @@ KINDS: Final = (
     "captured output",
     "failure report",
 )
-#: A run of at least this many tests must have recorded exceptions and reprs.
+#: A run of at least this many tests from at least this many test files (the
+#: suite, not one big module: test_attacks.py alone runs 446 tests and makes no
+#: repr) must have recorded exceptions and reprs.
 PLAUSIBLE_TESTS: Final = 200
+PLAUSIBLE_FILES: Final = 5
 #: Options whose values are secrets (besides those the module constants give).
 SECRET_OPTIONS: Final = (
     "password",
@@ -119,6 +122,7 @@ class Scanner:
     hits: list[Hit] = field(default_factory=list)
     nodeid: str = "(session)"
     tests_run: int = 0
+    test_files: set[str] = field(default_factory=set)
     _pattern: re.Pattern[str] | None = None
     _recent: collections.deque[tuple[str, str, str]] = field(
         default_factory=lambda: collections.deque(maxlen=_RECENT_TEXTS)
@@ -162,7 +166,7 @@ class Scanner:
 
     # -- texts
 
-    def record(self, kind: str, where: str, text: object, *, stack: bool = True) -> None:
+    def record(self, kind: str, where: str, text: object) -> None:
         """Count *text* and scan it for every password."""
         if isinstance(text, bytes):
             text = text.decode("utf-8", "replace")
@@ -176,7 +180,7 @@ class Scanner:
             self._recent_chars += len(text)
         pattern = self.pattern()
         if pattern is not None and pattern.search(text):
-            self._hit(kind, where, text, _stack() if stack else "")
+            self._hit(kind, where, text, _stack())
 
     def _hit(self, kind: str, where: str, text: str, stack: str) -> None:
         found = [label for password, label in list(self.passwords.items()) if password in text]
@@ -197,7 +201,7 @@ class Scanner:
     def problems(self) -> list[str]:
         """Why the run must fail: hits, or a watch that saw nothing."""
         problems = [f"{len(self.hits)} password hit(s)"] if self.hits else []
-        if self.tests_run >= PLAUSIBLE_TESTS:
+        if self.tests_run >= PLAUSIBLE_TESTS and len(self.test_files) >= PLAUSIBLE_FILES:
             for kind in ("exception", "repr"):
                 if not self.counts[kind]:
                     problems.append(
@@ -642,6 +646,7 @@ def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object
     if scanner is not None:
         scanner.start_test(item.nodeid)
         scanner.tests_run += 1
+        scanner.test_files.add(item.nodeid.split("::", 1)[0])
     try:
         return (yield)
     finally:

@@ -290,14 +290,14 @@ def run_blocking_sequential(
     params, binding = load.params[target], load.channel_binding[target]
     for _ in range(count):
         conn = blocking.connect(env=ENV, **params)
+        if keep is not None:
+            keep.append(conn)
         try:
             _check_connection(conn, binding)
             assert conn.simple_query("select 1")[-1].rows == [("1",)]
         finally:
             if keep is None:
                 conn.close()
-        if keep is not None:
-            keep.append(conn)
 
 
 async def asyncio_sequential(load: LoadBed, target: str, count: int) -> None:
@@ -372,10 +372,16 @@ def _peak_check(load: LoadBed, count: int) -> Callable[[], None]:
     return check
 
 
-def _timed(name: str, run: Callable[[], object]) -> None:
+def measured_run(load: LoadBed, what: str, target: str, run: Callable[[], object]) -> int:
+    """*run* (*what*: "blocking 1000 sequential", ...), timed, between two
+    footprints that must match, then no session left: the run's traced peak."""
+    before = Footprint.take()
     start = time.perf_counter()
     run()
-    TIMINGS[name] = time.perf_counter() - start
+    TIMINGS[f"{what} {target}"] = time.perf_counter() - start
+    peak = before.check(f"{what} connections, {target}")
+    wait_no_backends(load.admin)
+    return peak
 
 
 # --------------------------------------------------------------------------
@@ -384,50 +390,46 @@ def _timed(name: str, run: Callable[[], object]) -> None:
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_sequential_blocking(bed: LoadBed, target: str) -> None:
-    before = Footprint.take()
-    _timed(
-        f"blocking {SEQUENTIAL} sequential {target}",
+    measured_run(
+        bed,
+        f"blocking {SEQUENTIAL} sequential",
+        target,
         lambda: run_blocking_sequential(bed, target, SEQUENTIAL),
     )
-    before.check(f"blocking, {SEQUENTIAL} sequential connections, {target}")
-    wait_no_backends(bed.admin)
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_sequential_asyncio(bed: LoadBed, target: str) -> None:
-    before = Footprint.take()
-    _timed(
-        f"asyncio {SEQUENTIAL} sequential {target}",
+    measured_run(
+        bed,
+        f"asyncio {SEQUENTIAL} sequential",
+        target,
         lambda: asyncio.run(asyncio_sequential(bed, target, SEQUENTIAL)),
     )
-    before.check(f"asyncio, {SEQUENTIAL} sequential connections, {target}")
-    wait_no_backends(bed.admin)
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_concurrent_asyncio(bed: LoadBed, target: str) -> None:
-    before = Footprint.take()
     at_peak = _peak_check(bed, CONCURRENT)
-    _timed(
-        f"asyncio {CONCURRENT} concurrent {target}",
+    peak = measured_run(
+        bed,
+        f"asyncio {CONCURRENT} concurrent",
+        target,
         lambda: asyncio.run(asyncio_concurrent(bed, target, CONCURRENT, at_peak)),
     )
-    peak = before.check(f"asyncio, {CONCURRENT} concurrent connections, {target}")
     assert peak > 4 * MEMORY_TOLERANCE  # the tolerance is small next to the run
-    wait_no_backends(bed.admin)
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_concurrent_trio(bed: LoadBed, target: str) -> None:
-    before = Footprint.take()
     at_peak = _peak_check(bed, CONCURRENT)
-    _timed(
-        f"trio {CONCURRENT} concurrent {target}",
+    peak = measured_run(
+        bed,
+        f"trio {CONCURRENT} concurrent",
+        target,
         lambda: trio.run(trio_concurrent, bed, target, CONCURRENT, at_peak),
     )
-    peak = before.check(f"trio, {CONCURRENT} concurrent connections, {target}")
     assert peak > 4 * MEMORY_TOLERANCE
-    wait_no_backends(bed.admin)
 
 
 # --------------------------------------------------------------------------
@@ -448,7 +450,8 @@ def test_footprint_catches_retained_connections(bed: LoadBed) -> None:
         message = str(caught.value)
         assert "50 file descriptor(s) leaked" in message
         assert "memory did not return to its starting level" in message
-        assert LOAD_PASSWORD not in message
+        shows_password = LOAD_PASSWORD in message  # a bool: pytest would print the text
+        assert not shows_password
         with pytest.raises(AssertionError, match="timed out waiting for no session"):
             wait_no_backends(bed.admin, patience=0.5)
         assert role_backends(bed.admin) == 50
@@ -466,6 +469,6 @@ def test_footprint_catches_retained_connections(bed: LoadBed) -> None:
     finally:
         for conn in kept:
             conn.close()
-        del kept[:]
+        kept.clear()
     wait_no_backends(bed.admin)
     before.check("planted leak, released")

@@ -154,12 +154,16 @@ def test_scanner_looks_back_when_a_password_arrives_late() -> None:
 def test_a_watch_that_saw_nothing_fails() -> None:
     scanner = Scanner()
     scanner.tests_run = secret_watch.PLAUSIBLE_TESTS
+    scanner.test_files = {f"test_{i}.py" for i in range(secret_watch.PLAUSIBLE_FILES)}
     assert scanner.problems() == [
         f"no exception recorded in {scanner.tests_run} tests: the watch is broken",
         f"no repr recorded in {scanner.tests_run} tests: the watch is broken",
         "no password registered: the watch is broken",
     ]
-    scanner.tests_run -= 1  # a short run (one module) is not judged
+    scanner.tests_run -= 1  # a short run is not judged
+    assert scanner.problems() == []
+    scanner.tests_run += 1
+    scanner.test_files.pop()  # nor is one big module (test_attacks.py: 446 tests, no repr)
     assert scanner.problems() == []
 
 
@@ -434,9 +438,14 @@ def test_connection_objects_do_not_show_the_password(
 ) -> None:
     params = connect_params(pg18, "tls", tls_material, user="scram_user", password=SCRAM_PW)
     objects = FLAVOURS[flavour](params)
-    texts = [repr(o) for o in objects] + [str(o) for o in objects]
+    # Labels only (pytest shows the operands): a failure must not print the password.
+    texts = {
+        f"{show.__name__}({type(o).__name__} #{i})": show(o)
+        for show in (repr, str)
+        for i, o in enumerate(objects)
+    }
     assert len(texts) >= 8
-    assert [text for text in texts if shows(SCRAM_PW, text)] == []
+    assert [label for label, text in texts.items() if shows(SCRAM_PW, text)] == []
 
 
 def test_environment_repr_does_not_show_pgpassword() -> None:
