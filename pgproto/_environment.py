@@ -92,15 +92,42 @@ class Environment:
         uid = os.geteuid()
         entry = _password_entry(uid)
         # libpq: $HOME when set and non-empty, else the password database.
-        home_variable = os.environ.get("HOME") if environ is None else environ.get("HOME")
+        home_variable = _home_variable() if environ is None else environ.get("HOME")
         home = home_variable or (entry[1] if entry is not None else None)
-        return cls(
-            environ=env,
-            home=home,
-            user=entry[0] if entry is not None else None,
-            uid=uid,
-            client_encoding=encoding_from_locale(),
-        )
+        user = entry[0] if entry is not None else None
+        encoding = encoding_from_locale()
+        if environ is None and cls is Environment:
+            # A process connecting often reads the same state every time:
+            # hand out the last snapshot again when it is equal (it is
+            # immutable), which also keeps its cache key (resolve_params).
+            last = _last_from_os[0]
+            if (
+                last is not None
+                and last.environ == env
+                and last.home == home
+                and last.user == user
+                and last.uid == uid
+                and last.client_encoding == encoding
+            ):
+                return last
+            snapshot = cls(environ=env, home=home, user=user, uid=uid, client_encoding=encoding)
+            _last_from_os[0] = snapshot
+            return snapshot
+        return cls(environ=env, home=home, user=user, uid=uid, client_encoding=encoding)
+
+
+#: The last snapshot from_os() took of the process (see there).
+_last_from_os: list[Environment | None] = [None]
+
+
+def _home_variable() -> str | None:
+    """``$HOME`` of the process (from os.environ's encoded storage when it
+    has one, as :func:`_pg_variables` does)."""
+    data = getattr(os.environ, "_data", None)
+    if os.supports_bytes_environ and isinstance(data, dict):
+        value = data.get(b"HOME")
+        return None if value is None else os.fsdecode(value)
+    return os.environ.get("HOME")
 
 
 def _pg_variables() -> dict[str, str]:
@@ -110,10 +137,20 @@ def _pg_variables() -> dict[str, str]:
     # __getitem__ per variable (CPython keeps the encoded pairs in ``_data``).
     data = getattr(os.environ, "_data", None)
     if os.supports_bytes_environ and isinstance(data, dict):
-        return {
-            os.fsdecode(key): os.fsdecode(value) for key, value in data.items() if key[:2] == b"PG"
-        }
+        # Which names start with "PG" depends only on the set of names:
+        # while that is unchanged (one comparison, in C), the last scan stands.
+        names, pg_names = _pg_names[0]
+        if data.keys() != names:
+            names = frozenset(data)
+            pg_names = tuple(key for key in names if key[:2] == b"PG")
+            _pg_names[0] = (names, pg_names)
+        return {os.fsdecode(key): os.fsdecode(data[key]) for key in pg_names}
     return {key: value for key, value in os.environ.items() if key.startswith("PG")}
+
+
+#: The names in os.environ's storage when _pg_variables() last scanned it,
+#: and those of them that start with "PG" (one tuple: replaced at once).
+_pg_names: list[tuple[frozenset[bytes], tuple[bytes, ...]]] = [(frozenset(), ())]
 
 
 @functools.lru_cache(maxsize=8)

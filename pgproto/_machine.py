@@ -231,6 +231,10 @@ _STEP_NAMES: Final = {
 }
 
 
+#: Environment variables that become startup parameters (libpq's EnvironmentOptions).
+_ENV_STARTUP: Final = (("PGDATESTYLE", "datestyle"), ("PGTZ", "timezone"), ("PGGEQO", "geqo"))
+
+
 class _Failure(Exception):
     """Internal: an attempt failed with *error*; *outcome* says what follows."""
 
@@ -257,6 +261,17 @@ class ConnectionStateMachine:
     key file's path, it returns the passphrase.  *scram_cache* caches SCRAM
     salted passwords across connections (None disables it);
     *max_scram_iterations* caps the iteration count a server may demand.
+
+    *reports*: with False the machine produces only what a driver must act
+    on -- the commands, NoticeResponse, NotificationResponse, and the
+    results of a query (RowDescription ... ReadyForQuery) -- and none of
+    the reports that only tell what happened (StatusChanged,
+    AttemptStarted/AttemptFailed, TLSEstablished, Authentication*,
+    ParameterStatus, BackendKeyData, the startup ReadyForQuery, Connected,
+    NegotiateProtocolVersion).  Its properties (``status``,
+    ``server_parameters``, ``backend_pid``, ...) and errors are the same;
+    a driver that does not trace saves the cost of building and
+    dispatching about 25 events per connection.
     """
 
     # Per-server state, reset before every attempt (_reset_server_state).
@@ -282,6 +297,7 @@ class ConnectionStateMachine:
     _check_rows: list[tuple[str | None, ...]]
     _check_failed: bool
     _checked: dict[str, bool]
+    _server_state_unused: bool  # reset, and no attempt has used it since
 
     #: What each status is doing, for :class:`~pgproto.Attempt` records.
     _step_names: dict[ConnStatus, str] = _STEP_NAMES
@@ -295,20 +311,25 @@ class ConnectionStateMachine:
         key_passphrase_hook: Callable[[str], str] | None = None,
         scram_cache: SaltedPasswordCache | None = DEFAULT_CACHE,
         max_scram_iterations: int = MAX_ITERATIONS_DEFAULT,
+        reports: bool = True,
     ) -> None:
         self.params = params
+        self._reports = reports
         self._random_bytes = random_bytes
         self._key_passphrase_hook = key_passphrase_hook
         self._scram_cache = scram_cache
         self._max_scram_iterations = max_scram_iterations
-        self._sslmode = params["sslmode"] or "prefer"
-        self._direct = params["sslnegotiation"] == "direct"
-        self._channel_binding = params["channel_binding"] or "prefer"
-        self._target = params["target_session_attrs"] or "any"
+        # The option values, read without ConnParams.__getitem__'s keyword
+        # check (the keywords here are literals): this is every connection's path.
+        option = self._option = params._values.get
+        self._sslmode = option("sslmode") or "prefer"
+        self._direct = option("sslnegotiation") == "direct"
+        self._channel_binding = option("channel_binding") or "prefer"
+        self._target = option("target_session_attrs") or "any"
 
         hosts = list(params.hosts)
         self._rng = rng
-        if params["load_balance_hosts"] == "random":
+        if option("load_balance_hosts") == "random":
             if self._rng is None:
                 self._rng = Random(os.urandom(16))
             _shuffle(hosts, self._rng)  # type: ignore[arg-type]
@@ -511,7 +532,7 @@ class ConnectionStateMachine:
         self._answer("connect")
         self._transport_open = True
         self._set(Input.TRANSPORT_READY)
-        required = self.params["requirepeer"]
+        required = self._option("requirepeer")
         if required and self._address is not None and self._address.kind == "unix":
             error = _check_peer(required, peer_uid)
             if error is not None:
@@ -624,7 +645,8 @@ class ConnectionStateMachine:
 
     def _set(self, event: Input) -> None:
         self._status = transition(self._status, event)
-        self._events.append(StatusChanged(status=self._status))
+        if self._reports:
+            self._events.append(StatusChanged(status=self._status))
 
     def _write(self, data: bytes) -> None:
         if self._tls is not None and self._tls_done:
@@ -635,6 +657,7 @@ class ConnectionStateMachine:
 
     def _reset_server_state(self) -> None:
         """Forget everything the last server said (pqDropServerData)."""
+        self._server_state_unused = True
         self._in = _wire.ReceiveBuffer(_auth_limit)
         self._eof = False
         self._tls = None
@@ -696,7 +719,8 @@ class ConnectionStateMachine:
             outcome = _NEXT_HOST
         if outcome == _NEXT_HOST and not self._hosts_left():
             outcome = _HARD
-        self._events.append(AttemptFailed(attempt=attempt, next=outcome))
+        if self._reports:
+            self._events.append(AttemptFailed(attempt=attempt, next=outcome))
         self._close_transport()
         if outcome == _HARD:
             self._give_up()
@@ -785,10 +809,11 @@ class ConnectionStateMachine:
         attempt = self._current_attempt(error)
         self._attempts.append(attempt)
         following = _NEXT_HOST if self._hosts_left() else _HARD
-        self._events.append(AttemptFailed(attempt=attempt, next=following))
+        if self._reports:
+            self._events.append(AttemptFailed(attempt=attempt, next=following))
 
     def _start_addresses(self, addresses: list[Address]) -> None:
-        if self._rng is not None and self.params["load_balance_hosts"] == "random":
+        if self._rng is not None and self._option("load_balance_hosts") == "random":
             _shuffle(addresses, self._rng)  # type: ignore[arg-type]
         self._addresses = addresses
         self._addr_index = 0
@@ -824,22 +849,29 @@ class ConnectionStateMachine:
             if method is None:  # cannot happen: _allowed is never empty
                 raise LocalProtocolError("internal error: no encryption method left")
             self._method = method
-        self._reset_server_state()
-        self._events.append(
-            AttemptStarted(
-                host=self._host.host if self._host else None,
-                address=address,
-                encryption=self._method,
-                direct=self._method == SSL and self._direct,
+        if self._server_state_unused:
+            # Nothing was received since the reset: spare a second one (the
+            # first attempt's case, __init__ having reset it).
+            self._server_state_unused = False
+        else:
+            self._reset_server_state()
+            self._server_state_unused = False
+        if self._reports:
+            self._events.append(
+                AttemptStarted(
+                    host=self._host.host if self._host else None,
+                    address=address,
+                    encryption=self._method,
+                    direct=self._method == SSL and self._direct,
+                )
             )
-        )
         params = self.params
         self._events.append(
             OpenConnection(
                 address=address,
                 host=self._host.host if self._host else None,
                 keepalives=params.keepalives,
-                peer_credentials=address.kind == "unix" and bool(params["requirepeer"]),
+                peer_credentials=address.kind == "unix" and bool(self._option("requirepeer")),
                 keepalives_idle=params.keepalives_idle,
                 keepalives_interval=params.keepalives_interval,
                 keepalives_count=params.keepalives_count,
@@ -855,6 +887,8 @@ class ConnectionStateMachine:
     def _step(self) -> bool:
         """Advance as far as the input allows; True if anything happened."""
         status = self._status
+        if status is _S.AUTH_OK:
+            return self._startup_burst()
         if status is _S.NEEDED:
             self._next_host()
             return True
@@ -872,26 +906,41 @@ class ConnectionStateMachine:
             return False
         if status is _S.AWAITING_RESPONSE:
             self._awaiting_response(message)
-        elif status is _S.AUTH_OK:
-            self._auth_ok_message(message)
-            # The server sends the startup burst (ParameterStatus,
-            # BackendKeyData, ReadyForQuery) at once: take it in one step,
-            # the ParameterStatus messages in bulk.
-            server_params, events = self._server_params, self._events
-            while self._status is _S.AUTH_OK:
-                for name, value in self._in.take_parameter_statuses():
-                    server_params[name] = value
-                    events.append(ParameterStatus(name=name, value=value))
-                message = self._next_message()
-                if message is None:
-                    break
-                self._auth_ok_message(message)
+            if self._status is _S.AUTH_OK:
+                # The startup burst usually arrives with AuthenticationOk.
+                self._startup_burst()
         elif status in (_S.CHECK_WRITABLE, _S.CHECK_STANDBY, _S.CONSUME):
             self._check_message(message)
         elif status is _S.OK:
             self._ready_message(message)
         else:  # pragma: no cover - STARTED waits for connection_made()
             raise LocalProtocolError(f"internal error: no work defined for {status.name}")
+        return True
+
+    def _startup_burst(self) -> bool:
+        """AUTH_OK: what the server sends after AuthenticationOk, all at once
+        (ParameterStatus -- taken in bulk --, BackendKeyData, ...,
+        ReadyForQuery), then the target_session_attrs check, in one step."""
+        if self._tls is not None:
+            self._pull_tls()
+        buffer, progressed = self._in, False
+        while True:
+            pairs = buffer.take_parameter_statuses()
+            if pairs:
+                progressed = True
+                self._server_params.update(pairs)
+                if self._reports:
+                    self._events.extend(ParameterStatus(name=n, value=v) for n, v in pairs)
+            message = buffer.next_message()
+            if message is None:
+                if self._eof:  # whatever is buffered can never be completed
+                    raise _Failure(TransportError(_EOF_MESSAGE), _HARD)
+                return progressed
+            self._auth_ok_message(message)
+            if self._status is not _S.AUTH_OK:
+                break
+        if self._status is _S.CHECK_TARGET:
+            self._check_target()
         return True
 
     def _next_message(self) -> _wire.Message | None:
@@ -929,27 +978,23 @@ class ConnectionStateMachine:
         return True
 
     def _startup_parameters(self) -> list[tuple[str, str]]:
-        params = self.params
-        pairs = [("user", params["user"] or ""), ("database", params["dbname"] or "")]
+        option = self._option
+        pairs = [("user", option("user") or ""), ("database", option("dbname") or "")]
         for keyword in ("replication", "options"):
-            value = params[keyword]
+            value = option(keyword)
             if value:
                 pairs.append((keyword, value))
         if self._send_appname:
-            appname = params["application_name"]
+            appname = option("application_name")
             if appname is None:
-                appname = params["fallback_application_name"]
+                appname = option("fallback_application_name")
             if appname:
                 pairs.append(("application_name", appname))
-        encoding = params["client_encoding"]
+        encoding = option("client_encoding")
         if encoding:
             pairs.append(("client_encoding", encoding))
-        environ = params.env.environ
-        for variable, name in (
-            ("PGDATESTYLE", "datestyle"),
-            ("PGTZ", "timezone"),
-            ("PGGEQO", "geqo"),
-        ):
+        environ = self.params.env.environ
+        for variable, name in _ENV_STARTUP:
             value = environ.get(variable)
             if value is not None and value.lower() != "default":
                 pairs.append((name, value))
@@ -1024,18 +1069,19 @@ class ConnectionStateMachine:
         self._tls_done = True
         info = self._tls_info
         assert info is not None
-        self._events.append(
-            TLSEstablished(
-                version=tls.version,
-                cipher=tls.cipher,
-                alpn=tls.alpn,
-                chain_verified=tls.verified_chain,
-                host_verified=tls.host_verified,
-                root=info.root_source,
-                client_certificate=info.client_cert,
-                direct=self._direct,
+        if self._reports:
+            self._events.append(
+                TLSEstablished(
+                    version=tls.version,
+                    cipher=tls.cipher,
+                    alpn=tls.alpn,
+                    chain_verified=tls.verified_chain,
+                    host_verified=tls.host_verified,
+                    root=info.root_source,
+                    client_certificate=info.client_cert,
+                    direct=self._direct,
+                )
             )
-        )
         self._set(Input.TLS_ESTABLISHED)
         return True
 
@@ -1109,7 +1155,8 @@ class ConnectionStateMachine:
             )
         self._negotiated = True
         self._pversion = version
-        self._events.append(NegotiateProtocolVersion(version=version, unsupported_options=()))
+        if self._reports:
+            self._events.append(NegotiateProtocolVersion(version=version, unsupported_options=()))
 
     def _require_auth_failure(self, reason: str) -> AuthenticationError:
         return AuthenticationError(
@@ -1172,24 +1219,27 @@ class ConnectionStateMachine:
         if code == _AUTH_OK:
             self._auth_ok = True
             scram = self._scram
-            self._events.append(
-                AuthenticationCompleted(
-                    method=self._auth_used,
-                    channel_binding=scram is not None and scram.channel_bound,
-                    server_verified=scram is not None and scram.finished,
+            if self._reports:
+                self._events.append(
+                    AuthenticationCompleted(
+                        method=self._auth_used,
+                        channel_binding=scram is not None and scram.channel_bound,
+                        server_verified=scram is not None and scram.finished,
+                    )
                 )
-            )
             self._in.set_limit(_ordinary_limit)
             self._set(Input.AUTHENTICATION_OK)
             return
         if code == _AUTH_CLEARTEXT:
-            self._events.append(AuthenticationRequested(method="password"))
+            if self._reports:
+                self._events.append(AuthenticationRequested(method="password"))
             password = self._password()
             self._write(_wire.password_message(password.encode("utf-8", "surrogateescape")))
             self._auth_used = "password"
             self._client_finished_auth = True
         elif code == _AUTH_MD5:
-            self._events.append(AuthenticationRequested(method="md5"))
+            if self._reports:
+                self._events.append(AuthenticationRequested(method="md5"))
             if len(payload) != 4:
                 raise RemoteProtocolError("received invalid authentication request")
             password = self._password()
@@ -1231,9 +1281,12 @@ class ConnectionStateMachine:
                     selected = mechanism
             elif mechanism == SCRAM_SHA_256 and selected is None:
                 selected = mechanism
-        self._events.append(
-            AuthenticationRequested(method="sasl", mechanisms=tuple(mechanisms), mechanism=selected)
-        )
+        if self._reports:
+            self._events.append(
+                AuthenticationRequested(
+                    method="sasl", mechanisms=tuple(mechanisms), mechanism=selected
+                )
+            )
         if selected is None:
             raise AuthenticationError(
                 "none of the server's SASL authentication mechanisms are supported"
@@ -1296,7 +1349,8 @@ class ConnectionStateMachine:
         if kind == b"S":
             name, value = _wire.parse_parameter_status(message.body)
             self._server_params[name] = value
-            self._events.append(ParameterStatus(name=name, value=value))
+            if self._reports:
+                self._events.append(ParameterStatus(name=name, value=value))
         elif kind == b"N":
             self._events.append(NoticeResponse(fields=_wire.parse_fields(message.body)))
         elif kind == b"A":
@@ -1307,16 +1361,16 @@ class ConnectionStateMachine:
         return True
 
     def _auth_ok_message(self, message: _wire.Message) -> None:
-        if self._common_message(message):
-            return
         kind = message.type
         if kind == b"K":
             pid, key = _wire.parse_backend_key_data(message.body, self._pversion)
             self._backend_pid, self._backend_key = pid, key
-            self._events.append(BackendKeyData(pid=pid, key=key))
+            if self._reports:
+                self._events.append(BackendKeyData(pid=pid, key=key))
         elif kind == b"Z":
             self._txn_status = _wire.parse_ready_for_query(message.body)
-            self._events.append(ReadyForQuery(status=self._txn_status))
+            if self._reports:
+                self._events.append(ReadyForQuery(status=self._txn_status))
             self._set(Input.STARTUP_DONE)
         elif kind == b"E":
             error = ServerError(_wire.parse_fields(message.body))
@@ -1329,6 +1383,8 @@ class ConnectionStateMachine:
                 self._send_appname = False
                 raise _Failure(error, _RETRY)
             raise _Failure(error, _HARD)
+        elif self._common_message(message):
+            return
         elif kind[0] in _RESULT_TYPES:
             raise RemoteProtocolError("unexpected message from server during startup")
         else:
@@ -1374,14 +1430,15 @@ class ConnectionStateMachine:
                 return
         assert self._host is not None
         assert self._address is not None
-        self._events.append(
-            Connected(
-                host=self._host.host,
-                address=self._address,
-                ssl_in_use=self.ssl_in_use,
-                protocol_version=self._pversion,
+        if self._reports:
+            self._events.append(
+                Connected(
+                    host=self._host.host,
+                    address=self._address,
+                    ssl_in_use=self.ssl_in_use,
+                    protocol_version=self._pversion,
+                )
             )
-        )
         self._set(Input.TARGET_ACCEPTED)
 
     def _server_version(self) -> int:
@@ -1420,7 +1477,8 @@ class ConnectionStateMachine:
         data = self.data_to_send()
         self._attempts.append(self._current_attempt(Error(reason)))
         following = _NEXT_HOST if self._hosts_left() else _HARD
-        self._events.append(AttemptFailed(attempt=self._attempts[-1], next=following))
+        if self._reports:
+            self._events.append(AttemptFailed(attempt=self._attempts[-1], next=following))
         if self._transport_open:
             self._events.append(CloseConnection(data=data))
             self._transport_open = False

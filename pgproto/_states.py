@@ -29,6 +29,10 @@ __all__ = ["TRANSITIONS", "Input", "transition"]
 class Input(enum.Enum):
     """What happened."""
 
+    # Members are singletons: identity hashing is exact, and it is C-level
+    # (Enum's own __hash__ is Python code, run on every status change).
+    __hash__ = object.__hash__
+
     OPEN_REQUESTED = enum.auto()  # an address was chosen, the adapter opens it
     TRANSPORT_READY = enum.auto()  # connection_made()
     SSL_REQUEST_SENT = enum.auto()  # SSLRequest queued (or direct TLS begins)

@@ -14,10 +14,10 @@ formats; libpq's fe-protocol3.c for the limits it applies during startup.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from ._errors import LocalProtocolError, RemoteProtocolError
 
@@ -68,11 +68,13 @@ def _message(kind: bytes, body: bytes) -> bytes:
 def startup_message(parameters: Iterable[tuple[str, str]], version: tuple[int, int]) -> bytes:
     """StartupMessage: the protocol version and ``name=value`` pairs."""
     major, minor = version
-    body = bytearray(_UINT32.pack((major << 16) | minor))
-    for name, value in parameters:
-        body += _cstring(name)
-        body += _cstring(value)
-    body += b"\x00"
+    strings = [text for pair in parameters for text in pair]
+    # Every string NUL-terminated, then one more NUL: encoded in one go.
+    joined = "\x00".join(strings)
+    if strings and joined.count("\x00") != len(strings) - 1:
+        raise LocalProtocolError("a protocol string may not contain a NUL character")
+    body = _UINT32.pack((major << 16) | minor) + joined.encode("utf-8", "surrogateescape")
+    body += b"\x00\x00" if strings else b"\x00"
     return _UINT32.pack(len(body) + 4) + body
 
 
@@ -121,9 +123,9 @@ def terminate() -> bytes:
 # framing
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One backend message: its type byte and its body."""
+class Message(NamedTuple):
+    """One backend message: its type byte and its body.  (A named tuple: one
+    is built per message received, and a tuple is the cheapest to build.)"""
 
     type: bytes
     body: bytes
@@ -206,25 +208,42 @@ class ReceiveBuffer:
         :meth:`next_message` to cut and report."""
         data = self._data
         pos = self._pos
-        size = len(data)
+        run = _PARAMETER_STATUS_RUN.match(data, pos)
+        if run is None:
+            return []
+        # Regular expressions cut the messages (in C, not a Python loop per
+        # message); the length words are then checked, and the run ends
+        # before the first one that does not describe its own message.
         limit = self._limit(b"S")
-        found: list[tuple[str, str]] = []
-        while size - pos >= 5 and data[pos] == 0x53:  # "S"
-            (length,) = _INT32.unpack_from(data, pos + 1)
-            end = pos + 1 + length
-            if length < 4 or length > limit or end > size:
-                break
-            pair = _parameter_status(bytes(data[pos + 5 : end]))
-            if pair is None:
-                break
-            found.append(pair)
-            pos = end
-        if pos == size:
+        items = _PARAMETER_STATUS.findall(data, pos, run.end())
+        fits = [int.from_bytes(header, "big") == len(body) + 5 <= limit for header, body in items]
+        if False in fits:
+            items = items[: fits.index(False)]
+            if not items:
+                return []
+            end = pos + sum(len(body) + 6 for _, body in items)
+        else:
+            end = run.end()
+        if end == len(data):
             data.clear()
             self._pos = 0
         else:
-            self._pos = pos
-        return found
+            self._pos = end
+        # "name\0value" bodies: decoded at once, then split on the NULs.
+        texts = (
+            b"\x00".join([body for _, body in items])
+            .decode("utf-8", "surrogateescape")
+            .split("\x00")
+        )
+        return list(zip(texts[::2], texts[1::2], strict=True))
+
+
+#: A run of messages shaped like ParameterStatus ("S", a length word, two
+#: NUL-terminated strings), and one such message (its length word, and its
+#: body without the final NUL).  The shape alone does not make a message:
+#: take_parameter_statuses() checks each length word.
+_PARAMETER_STATUS_RUN: Final = re.compile(rb"(?:S....[^\x00]*\x00[^\x00]*\x00)+", re.DOTALL)
+_PARAMETER_STATUS: Final = re.compile(rb"S(....)([^\x00]*\x00[^\x00]*)\x00", re.DOTALL)
 
 
 def _show(kind: bytes) -> str:
@@ -302,9 +321,10 @@ def text(data: bytes) -> str:
 
 def parse_authentication(body: bytes) -> tuple[int, bytes]:
     """AuthenticationXXX: the request code and its payload."""
-    reader = _Reader(body, "authentication request")
-    code = reader.int32()
-    return code, reader.rest()
+    if len(body) < 4:
+        raise RemoteProtocolError("malformed authentication request message: truncated")
+    (code,) = _INT32.unpack_from(body)
+    return code, body[4:]
 
 
 def parse_sasl_mechanisms(payload: bytes) -> list[str]:
@@ -347,9 +367,10 @@ MAX_CANCEL_KEY_LENGTH: Final = 256
 def parse_backend_key_data(body: bytes, version: tuple[int, int]) -> tuple[int, bytes]:
     """BackendKeyData: the process id and the secret key (4 bytes in 3.0,
     4 to 256 bytes in 3.2)."""
-    reader = _Reader(body, "BackendKeyData")
-    pid = reader.int32()
-    key = reader.rest()
+    if len(body) < 4:
+        raise RemoteProtocolError("malformed BackendKeyData message: truncated")
+    (pid,) = _INT32.unpack_from(body)
+    key = body[4:]
     # libpq's checks and wording (fe-protocol3.c, getBackendKeyData).
     prefix = "received invalid BackendKeyData message: cancel key with length"
     if len(key) < 4:
@@ -366,12 +387,16 @@ def parse_backend_key_data(body: bytes, version: tuple[int, int]) -> tuple[int, 
 
 
 def parse_ready_for_query(body: bytes) -> str:
-    reader = _Reader(body, "ReadyForQuery")
-    status = reader.byte()
-    reader.end()
-    if status not in (b"I", b"T", b"E"):
-        raise RemoteProtocolError(f"ReadyForQuery with unknown status {_show(status)}")
-    return status.decode("ascii")
+    status = _TRANSACTION_STATUS.get(body)
+    if status is None:
+        reader = _Reader(body, "ReadyForQuery")  # let it say what is wrong
+        reader.byte()
+        reader.end()
+        raise RemoteProtocolError(f"ReadyForQuery with unknown status {_show(body)}")
+    return status
+
+
+_TRANSACTION_STATUS: Final = {b"I": "I", b"T": "T", b"E": "E"}
 
 
 def parse_fields(body: bytes) -> dict[str, str]:

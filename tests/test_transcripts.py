@@ -112,6 +112,47 @@ def test_events_do_not_depend_on_chunking(transcript: Transcript) -> None:
     assert _shown(replay(transcript, server_bytes(transcript)).events) == recorded
 
 
+#: What a machine made with ``reports=False`` still produces.
+ESSENTIAL: tuple[type[Event], ...] = (
+    pgproto.ResolveHost,
+    OpenConnection,
+    CloseConnection,
+    pgproto.StartTimer,
+    pgproto.NoticeResponse,
+    pgproto.NotificationResponse,
+    pgproto.RowDescription,
+    pgproto.DataRow,
+    pgproto.CommandComplete,
+    pgproto.EmptyQueryResponse,
+    pgproto.ErrorResponse,
+)
+
+
+@pytest.mark.parametrize("chunking", list(CHUNKINGS))
+@pytest.mark.parametrize("transcript", TRANSCRIPTS, ids=_ids(TRANSCRIPTS))
+def test_without_reports_only_the_reports_are_missing(
+    transcript: Transcript, chunking: str
+) -> None:
+    """``reports=False``: the same bytes, outcome and error; the commands,
+    notices and query results unchanged; of the reports only a query's
+    ReadyForQuery (which ends its results) is left."""
+    chunks = CHUNKINGS[chunking](transcript)
+    full = replay(transcript, chunks)
+    quiet = replay(transcript, chunks, reports=False)
+    assert quiet.steps == full.steps
+    assert outcome(quiet) == outcome(full) == transcript.expected
+    assert repr(quiet.error) == repr(full.error)
+    kept = [e for e in full.events if isinstance(e, ESSENTIAL)]
+    if transcript.query is not None and full.error is None:
+        # The query's ReadyForQuery is the last one before the Terminate.
+        last_ready = max(i for i, e in enumerate(full.events) if isinstance(e, ReadyForQuery))
+        kept = [e for i, e in enumerate(full.events) if isinstance(e, ESSENTIAL) or i == last_ready]
+    assert _shown(quiet.events) == _shown(kept)
+    assert all(isinstance(e, (*ESSENTIAL, ReadyForQuery)) for e in quiet.events)
+    assert quiet.machine.server_parameters == full.machine.server_parameters
+    assert repr(quiet.machine.attempts) == repr(full.machine.attempts)
+
+
 def _shown(events: list[Event]) -> list[str]:
     # Exceptions inside AttemptFailed compare by identity: compare reprs.
     return [repr(e) for e in events]

@@ -148,7 +148,9 @@ def load_all() -> list[Transcript]:
     return [load(path) for path in sorted(TRANSCRIPT_DIR.glob("*.json"))]
 
 
-def make_machine(params: dict[str, str], nonce: bytes) -> ConnectionStateMachine:
+def make_machine(
+    params: dict[str, str], nonce: bytes, *, reports: bool = True
+) -> ConnectionStateMachine:
     """The machine used both to record and to replay: isolated environment,
     injected nonce, no salted-password cache shared between connections."""
 
@@ -158,7 +160,7 @@ def make_machine(params: dict[str, str], nonce: bytes) -> ConnectionStateMachine
         return nonce
 
     return ConnectionStateMachine(
-        _resolve(env=ENV, **params), random_bytes=random_bytes, scram_cache=None
+        _resolve(env=ENV, **params), random_bytes=random_bytes, scram_cache=None, reports=reports
     )
 
 
@@ -245,7 +247,11 @@ class _Stuck(AssertionError):
 
 
 def replay(
-    transcript: Transcript, chunks: Sequence[bytes] | None = None, *, max_steps: int = 100_000
+    transcript: Transcript,
+    chunks: Sequence[bytes] | None = None,
+    *,
+    max_steps: int = 100_000,
+    reports: bool = True,
 ) -> Replay:
     """Run a fresh machine against *chunks* of server bytes (default: as recorded).
 
@@ -259,8 +265,9 @@ def replay(
     in ``error``; anything else propagates.  Running out of chunks while the
     machine still reads, or more than *max_steps* calls to ``next_event()``,
     fails with AssertionError: that would be a hang with a real server.
+    *reports* is the machine's (False: commands and essential events only).
     """
-    machine = make_machine(transcript.params, transcript.nonce)
+    machine = make_machine(transcript.params, transcript.nonce, reports=reports)
     result = Replay(machine=machine)
     queue = deque(chunks if chunks is not None else server_chunks(transcript))
 

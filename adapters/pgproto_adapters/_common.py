@@ -81,13 +81,17 @@ def make_machine(
     env: Environment | None = None,
     random_bytes: Callable[[int], bytes] | None = None,
     key_passphrase_hook: Callable[[str], str] | None = None,
+    trace: Tracer | None = None,
 ) -> ConnectionStateMachine:
-    """Resolve the parameters and build the machine for one connection."""
+    """Resolve the parameters and build the machine for one connection.
+    Without a *trace* the machine makes no reports (``reports=False``):
+    nothing but the trace would read them."""
     params: ConnParams = resolve_params(conninfo, env=env, **kwargs)
     return ConnectionStateMachine(
         params,
         random_bytes=random_bytes or os.urandom,
         key_passphrase_hook=key_passphrase_hook,
+        reports=trace is not None,
     )
 
 
@@ -1010,6 +1014,7 @@ class AsyncEntryPoints(Generic[AsyncConnectionT]):
             env=env,
             random_bytes=random_bytes,
             key_passphrase_hook=key_passphrase_hook,
+            trace=trace,
         )
         if seconds is not None:
             io.set_overall(start + seconds)
@@ -1049,11 +1054,12 @@ class SocketTransport(AsyncTransport):
     would pass through its scheduler on every call, even one that completes
     at once).  The adapter supplies the waits and the close."""
 
-    __slots__ = ("sock", "streaming")
+    __slots__ = ("sent", "sock", "streaming")
 
     def __init__(self) -> None:
         self.sock: socket.socket | None = None
         self.streaming = False  # the last read filled the buffer
+        self.sent = False  # the last operation was a send
         super().__init__()
 
     async def _wait(self, sock: socket.socket, writable: bool) -> None:
@@ -1102,10 +1108,17 @@ class SocketTransport(AsyncTransport):
                 view = view[sock.send(view) :]
             except BlockingIOError:
                 await self._wait(sock, True)
+        self.sent = True
 
     async def receive(self) -> bytes:
         sock = self._socket()
-        if self.streaming:
+        if self.sent:
+            # The answer to what was just sent cannot be here yet: wait
+            # first rather than try a recv() that fails with EAGAIN (as the
+            # blocking adapter does).  Were it here, the wait ends at once.
+            self.sent = False
+            await self._wait(sock, False)
+        elif self.streaming:
             # The last read filled the buffer: more is waiting, and reading
             # on would never suspend.  Let the framework schedule (and
             # deliver a cancellation) first -- before a read, so that

@@ -829,6 +829,7 @@ def _new(
         env=env,
         random_bytes=random_bytes,
         key_passphrase_hook=key_passphrase_hook,
+        trace=trace,
     )
     io = _Transport()
     if overall is not None:
