@@ -56,6 +56,8 @@ class Environment:
     client_encoding: str = "UTF8"
     socket_dir: str = DEFAULT_SOCKET_DIR
     sysconfdir: str = DEFAULT_SYSCONFDIR
+    #: key(), kept by the snapshots from_os() takes (their mapping is private).
+    _key: tuple[object, ...] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __repr__(self) -> str:
         environ = {
@@ -70,6 +72,8 @@ class Environment:
 
     def key(self) -> tuple[object, ...]:
         """A hashable value equal for equal environments (for caches)."""
+        if self._key is not None:
+            return self._key
         return (
             tuple(sorted(self.environ.items())),
             self.home,
@@ -111,6 +115,7 @@ class Environment:
             ):
                 return last
             snapshot = cls(environ=env, home=home, user=user, uid=uid, client_encoding=encoding)
+            object.__setattr__(snapshot, "_key", snapshot.key())
             _last_from_os[0] = snapshot
             return snapshot
         return cls(environ=env, home=home, user=user, uid=uid, client_encoding=encoding)

@@ -231,6 +231,44 @@ _STEP_NAMES: Final = {
 }
 
 
+#: A new machine's state, but for its containers (see __init__).
+_INITIAL_STATE: Final[dict[str, object]] = {
+    "_status": _S.NEEDED,
+    "_error": None,
+    "_awaiting": None,
+    "_host_index": -1,
+    "_host": None,
+    "_addr_index": 0,
+    "_address": None,
+    "_second_pass": False,
+    "_method": PLAINTEXT,
+    "_send_appname": True,
+    "_transport_open": False,
+}
+
+#: The per-server state every attempt starts with (see _reset_server_state;
+#: the receive buffer, the containers and the protocol version are set there).
+_SERVER_STATE_DEFAULTS: Final[dict[str, object]] = {
+    "_server_state_unused": True,
+    "_eof": False,
+    "_tls": None,
+    "_tls_done": False,
+    "_tls_info": None,
+    "_backend_pid": None,
+    "_backend_key": None,
+    "_txn_status": None,
+    "_negotiated": False,
+    "_scram": None,
+    "_auth_used": "none",
+    "_auth_ok": False,
+    "_auth_req_received": False,
+    "_client_finished_auth": False,
+    "_password_needed": False,
+    "_password_used": False,
+    "_query_active": False,
+    "_check_failed": False,
+}
+
 #: Environment variables that become startup parameters (libpq's EnvironmentOptions).
 _ENV_STARTUP: Final = (("PGDATESTYLE", "datestyle"), ("PGTZ", "timezone"), ("PGGEQO", "geqo"))
 
@@ -299,6 +337,20 @@ class ConnectionStateMachine:
     _checked: dict[str, bool]
     _server_state_unused: bool  # reset, and no attempt has used it since
 
+    # Set from _INITIAL_STATE by __init__.
+    _status: ConnStatus
+    _error: Error | None
+    _awaiting: str | None  # "resolve" / "connect": a command is out
+    # Where we are in the host and address lists.
+    _host_index: int
+    _host: HostParams | None
+    _addr_index: int
+    _address: Address | None
+    _second_pass: bool  # prefer-standby, second round
+    _method: str
+    _send_appname: bool
+    _transport_open: bool
+
     #: What each status is doing, for :class:`~pgproto.Attempt` records.
     _step_names: dict[ConnStatus, str] = _STEP_NAMES
 
@@ -335,28 +387,14 @@ class ConnectionStateMachine:
             _shuffle(hosts, self._rng)  # type: ignore[arg-type]
         self._hosts: list[HostParams] = hosts
 
-        self._status = _S.NEEDED
         self._events: collections.deque[Event] = collections.deque()
         self._out = bytearray()
-        self._error: Error | None = None
         self._attempts: list[Attempt] = []
-        self._awaiting: str | None = None  # "resolve" / "connect": a command is out
-
-        # Where we are in the host and address lists.
-        self._host_index = -1
-        self._host: HostParams | None = None
         self._addresses: list[Address] = []
-        self._addr_index = 0
-        self._address: Address | None = None
-        self._second_pass = False  # prefer-standby, second round
-
         # Encryption methods for the current address (reference spec §6.1).
         self._allowed: list[str] = []
         self._failed: set[str] = set()
-        self._method = PLAINTEXT
-        self._send_appname = True
-        self._transport_open = False
-
+        self.__dict__.update(_INITIAL_STATE)  # the rest, in one go
         self._reset_server_state()
 
     # ----------------------------------------------------------------------
@@ -657,28 +695,11 @@ class ConnectionStateMachine:
 
     def _reset_server_state(self) -> None:
         """Forget everything the last server said (pqDropServerData)."""
-        self._server_state_unused = True
+        self.__dict__.update(_SERVER_STATE_DEFAULTS)  # the immutable values, in one go
         self._in = _wire.ReceiveBuffer(_auth_limit)
-        self._eof = False
-        self._tls = None
-        self._tls_done = False
-        self._tls_info = None
         self._server_params = {}
-        self._backend_pid = None
-        self._backend_key = None
-        self._txn_status = None
         self._pversion = self.params.max_protocol_version
-        self._negotiated = False
-        self._scram = None
-        self._auth_used = "none"
-        self._auth_ok = False
-        self._auth_req_received = False
-        self._client_finished_auth = False
-        self._password_needed = False
-        self._password_used = False
-        self._query_active = False
         self._check_rows = []
-        self._check_failed = False
         self._checked = {}
 
     def _close_transport(self) -> None:
@@ -885,7 +906,9 @@ class ConnectionStateMachine:
     # the work of each state
 
     def _step(self) -> bool:
-        """Advance as far as the input allows; True if anything happened."""
+        """Advance as far as the input allows.  True when a further step
+        may do more now; False when the machine waits for input, or for
+        what it just queued to be sent (nothing can answer it before)."""
         status = self._status
         if status is _S.AUTH_OK:
             return self._startup_burst()
@@ -908,7 +931,7 @@ class ConnectionStateMachine:
             self._awaiting_response(message)
             if self._status is _S.AUTH_OK:
                 # The startup burst usually arrives with AuthenticationOk.
-                self._startup_burst()
+                return self._startup_burst()
         elif status in (_S.CHECK_WRITABLE, _S.CHECK_STANDBY, _S.CONSUME):
             self._check_message(message)
         elif status is _S.OK:
@@ -941,7 +964,7 @@ class ConnectionStateMachine:
                 break
         if self._status is _S.CHECK_TARGET:
             self._check_target()
-        return True
+        return bool(self._in) or self._eof  # anything after ReadyForQuery
 
     def _next_message(self) -> _wire.Message | None:
         if self._tls is not None:
@@ -970,12 +993,19 @@ class ConnectionStateMachine:
             else:
                 self._out += _wire.ssl_request()
                 self._set(Input.SSL_REQUEST_SENT)
-            return True
+            return False  # nothing can come back before this is sent
         # The receive buffer frames with _auth_limit until AuthenticationOk
         # (_reset_server_state made it so).
-        self._write(_wire.startup_message(self._startup_parameters(), self._pversion))
+        # The packet depends on the parameters alone (and on these two):
+        # built once per ConnParams, which resolve_params caches.
+        key = (self._send_appname, self._pversion)
+        packets = self.params._startup_packets
+        packet = packets.get(key)
+        if packet is None:
+            packet = packets[key] = _wire.startup_message(self._startup_parameters(), key[1])
+        self._write(packet)
         self._set(Input.STARTUP_SENT)
-        return True
+        return False  # nothing can come back before this is sent
 
     def _startup_parameters(self) -> list[tuple[str, str]]:
         option = self._option

@@ -176,6 +176,7 @@ class ConnParams:
 
     __slots__ = (
         "_sources",
+        "_startup_packets",
         "_values",
         "connect_timeout",
         "env",
@@ -211,6 +212,9 @@ class ConnParams:
     max_protocol_version: tuple[int, int]
     scram_client_key: bytes | None
     scram_server_key: bytes | None
+    #: The machine's memo of the StartupMessage these parameters make, by
+    #: (application_name sent, protocol version): private to pgproto.
+    _startup_packets: dict[tuple[bool, tuple[int, int]], bytes]
 
     def __getitem__(self, keyword: str) -> str | None:
         if keyword not in OPTION_BY_KEYWORD:
@@ -563,6 +567,7 @@ def _connect_options(
     params.max_protocol_version = max_pversion
     params.scram_client_key = scram_client_key
     params.scram_server_key = scram_server_key
+    params._startup_packets = {}
     return params
 
 

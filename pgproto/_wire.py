@@ -180,26 +180,29 @@ class ReceiveBuffer:
         if len(data) - pos < 5:
             return None
         kind, length = _HEADER.unpack_from(data, pos)
-        if length < 4:
-            raise RemoteProtocolError(
-                f"invalid message length {length} for message type {_show(kind)}"
-            )
-        limit = self._limit(kind)
-        if length > limit:
-            raise RemoteProtocolError(
-                f"message of type {_show(kind)} is {length} bytes long, more than the "
-                f"{limit} bytes allowed here"
-            )
+        # The length is judged before the message is complete: a server
+        # may not make the client wait for (and buffer) a huge one.
+        if not 4 <= length <= self._limit(kind):
+            raise self._bad_length(kind, length)
         end = pos + 1 + length
         if len(data) < end:
             return None
-        body = bytes(data[pos + 5 : end])
-        if end == len(data):
+        message = Message(kind, bytes(data[pos + 5 : end]))
+        if end == len(data):  # all consumed: let go of it (it may be large)
             data.clear()
-            self._pos = 0
-        else:
-            self._pos = end
-        return Message(kind, body)
+            end = 0
+        self._pos = end
+        return message
+
+    def _bad_length(self, kind: bytes, length: int) -> RemoteProtocolError:
+        if length < 4:
+            return RemoteProtocolError(
+                f"invalid message length {length} for message type {_show(kind)}"
+            )
+        return RemoteProtocolError(
+            f"message of type {_show(kind)} is {length} bytes long, more than the "
+            f"{self._limit(kind)} bytes allowed here"
+        )
 
     def take_parameter_statuses(self) -> list[tuple[str, str]]:
         """Consume the complete, well-formed ParameterStatus messages at the
