@@ -219,26 +219,32 @@ class ReceiveBuffer:
         # before the first one that does not describe its own message.
         limit = self._limit(b"S")
         items = _PARAMETER_STATUS.findall(data, pos, run.end())
-        fits = [int.from_bytes(header, "big") == len(body) + 5 <= limit for header, body in items]
-        if False in fits:
-            items = items[: fits.index(False)]
-            if not items:
-                return []
-            end = pos + sum(len(body) + 6 for _, body in items)
-        else:
+        bodies = [b for h, b in items if int.from_bytes(h, "big") == len(b) + 5 <= limit]
+        if len(bodies) == len(items):
             end = run.end()
+        else:  # the run ends before the first misfit
+            bodies = []
+            for header, body in items:
+                if not _fits(header, body, limit):
+                    break
+                bodies.append(body)
+            if not bodies:
+                return []
+            end = pos + sum(len(body) + 6 for body in bodies)
         if end == len(data):
             data.clear()
             self._pos = 0
         else:
             self._pos = end
         # "name\0value" bodies: decoded at once, then split on the NULs.
-        texts = (
-            b"\x00".join([body for _, body in items])
-            .decode("utf-8", "surrogateescape")
-            .split("\x00")
-        )
+        texts = b"\x00".join(bodies).decode("utf-8", "surrogateescape").split("\x00")
         return list(zip(texts[::2], texts[1::2], strict=True))
+
+
+def _fits(header: bytes, body: bytes, limit: int) -> bool:
+    """Does ParameterStatus length word *header* describe *body* (name, NUL,
+    value: the final NUL not included), within *limit*?"""
+    return int.from_bytes(header, "big") == len(body) + 5 <= limit
 
 
 #: A run of messages shaped like ParameterStatus ("S", a length word, two

@@ -184,3 +184,98 @@ def test_backend_key_lengths(version: tuple[int, int], key: bytes, ok: bool) -> 
 def test_malformed_bodies(decode: object, body: bytes) -> None:
     with pytest.raises(pgproto.RemoteProtocolError):
         decode(body)  # type: ignore[operator]
+
+
+# --------------------------------------------------------------------------
+# ParameterStatus in bulk
+
+
+def _parameter_status(name: bytes, value: bytes, length: int | None = None) -> bytes:
+    body = name + b"\x00" + value + b"\x00"
+    return b"S" + struct.pack("!I", len(body) + 4 if length is None else length) + body
+
+
+def _reference_take(data: bytes, limit: int) -> tuple[list[tuple[str, str]], int]:
+    """The bulk take, one message at a time: well-formed ParameterStatus
+    messages from the front, stopping at the first that is not one."""
+    found, pos = [], 0
+    while len(data) - pos >= 5 and data[pos : pos + 1] == b"S":
+        (length,) = struct.unpack_from("!I", data, pos + 1)
+        end = pos + 1 + length
+        if length < 4 or length > limit or end > len(data):
+            break
+        parts = data[pos + 5 : end].split(b"\x00")
+        if len(parts) != 3 or parts[2]:
+            break
+        found.append(tuple(p.decode("utf-8", "surrogateescape") for p in parts[:2]))
+        pos = end
+    return found, pos  # type: ignore[return-value]
+
+
+def _take(
+    data: bytes, limit: int = wire.ORDINARY_MESSAGE_LIMIT
+) -> tuple[list[tuple[str, str]], int]:
+    buffer = wire.ReceiveBuffer(lambda kind: limit)
+    buffer.feed(data)
+    taken = buffer.take_parameter_statuses()
+    return taken, len(data) - len(buffer)
+
+
+def test_bulk_parameter_status_takes_the_run_and_stops_at_the_next_message() -> None:
+    run = _parameter_status(b"server_version", b"18.6") + _parameter_status(b"TimeZone", b"UTC")
+    key_data = b"K\x00\x00\x00\x0c\x00\x00\x00\x2a\x01\x02\x03\x04"
+    assert _take(run + key_data) == ([("server_version", "18.6"), ("TimeZone", "UTC")], len(run))
+    assert _take(b"") == ([], 0)
+    assert _take(key_data) == ([], 0)
+    # Empty names and values, and bytes that are not UTF-8, survive as such.
+    assert _take(_parameter_status(b"", b"") + _parameter_status(b"x", b"\xff")) == (
+        [("", ""), ("x", "\udcff")],
+        16,
+    )
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(_parameter_status(b"a", b"b", length=9), id="length-word-too-long"),
+        pytest.param(_parameter_status(b"a", b"bc", length=7), id="length-word-too-short"),
+        pytest.param(b"S\x00\x00\x00\x09a\x00b\x00\x00", id="three-strings"),
+        pytest.param(b"S\x00\x00\x00\x07ab\x00c", id="unterminated"),
+        pytest.param(_parameter_status(b"a", b"b" * 40), id="over-the-limit"),
+        pytest.param(_parameter_status(b"a", b"b")[:-1], id="incomplete"),
+    ],
+)
+def test_bulk_parameter_status_leaves_a_misfit_and_what_follows(bad: bytes) -> None:
+    good = _parameter_status(b"DateStyle", b"ISO, MDY")
+    after = _parameter_status(b"later", b"on")
+    assert _take(good + bad + after, limit=30) == ([("DateStyle", "ISO, MDY")], len(good))
+    assert _take(bad + after, limit=30) == ([], 0)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.binary(max_size=12), st.binary(max_size=12)).map(
+                lambda pair: _parameter_status(
+                    pair[0].replace(b"\x00", b""), pair[1].replace(b"\x00", b"")
+                )
+            ),
+            st.binary(max_size=12),  # anything, including broken headers
+            st.builds(
+                lambda name, shift: _parameter_status(
+                    name, b"v", length=max(0, 7 + len(name) + shift)
+                ),
+                st.binary(max_size=6).map(lambda b: b.replace(b"\x00", b"")),
+                st.integers(min_value=-6, max_value=6),
+            ),
+        ),
+        max_size=8,
+    ),
+    st.integers(min_value=4, max_value=64),
+)
+def test_bulk_parameter_status_matches_one_message_at_a_time(
+    pieces: list[bytes], limit: int
+) -> None:
+    data = b"".join(pieces)
+    assert _take(data, limit) == _reference_take(data, limit)
