@@ -231,6 +231,9 @@ _STEP_NAMES: Final = {
 }
 
 
+#: How many things the machine keeps in a ConnParams' memo.
+_MEMO_LIMIT: Final = 64
+
 #: A new machine's state, but for its containers (see __init__).
 _INITIAL_STATE: Final[dict[str, object]] = {
     "_status": _S.NEEDED,
@@ -886,9 +889,14 @@ class ConnectionStateMachine:
                     direct=self._method == SSL and self._direct,
                 )
             )
-        params = self.params
-        self._events.append(
-            OpenConnection(
+        # The command depends on the parameters, the host and the address
+        # alone (and is immutable): made once per ConnParams.
+        memo = self.params._memo
+        key = ("open", self._host_index, address.kind, address.address, address.port)
+        command = memo.get(key)
+        if command is None:
+            params = self.params
+            command = OpenConnection(
                 address=address,
                 host=self._host.host if self._host else None,
                 keepalives=params.keepalives,
@@ -898,7 +906,9 @@ class ConnectionStateMachine:
                 keepalives_count=params.keepalives_count,
                 tcp_user_timeout=params.tcp_user_timeout,
             )
-        )
+            if len(memo) < _MEMO_LIMIT:  # (name lookups may keep finding new addresses)
+                memo[key] = command
+        self._events.append(command)
         self._set(Input.OPEN_REQUESTED)
         self._awaiting = "connect"
 
@@ -998,11 +1008,11 @@ class ConnectionStateMachine:
         # (_reset_server_state made it so).
         # The packet depends on the parameters alone (and on these two):
         # built once per ConnParams, which resolve_params caches.
-        key = (self._send_appname, self._pversion)
-        packets = self.params._startup_packets
-        packet = packets.get(key)
+        memo = self.params._memo
+        key = ("startup", self._send_appname, self._pversion)
+        packet = memo.get(key)
         if packet is None:
-            packet = packets[key] = _wire.startup_message(self._startup_parameters(), key[1])
+            packet = memo[key] = _wire.startup_message(self._startup_parameters(), key[2])
         self._write(packet)
         self._set(Input.STARTUP_SENT)
         return False  # nothing can come back before this is sent

@@ -22,7 +22,7 @@ import enum
 import re
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from ._conninfo import is_conninfo_string, parse_conninfo
 from ._environment import Environment
@@ -175,8 +175,8 @@ class ConnParams:
     """
 
     __slots__ = (
+        "_memo",
         "_sources",
-        "_startup_packets",
         "_values",
         "connect_timeout",
         "env",
@@ -212,9 +212,10 @@ class ConnParams:
     max_protocol_version: tuple[int, int]
     scram_client_key: bytes | None
     scram_server_key: bytes | None
-    #: The machine's memo of the StartupMessage these parameters make, by
-    #: (application_name sent, protocol version): private to pgproto.
-    _startup_packets: dict[tuple[bool, tuple[int, int]], bytes]
+    #: What the connection machine derives from these parameters alone (the
+    #: StartupMessage, the OpenConnection commands), kept for the next
+    #: connection made with them (resolve_params caches ConnParams).
+    _memo: dict[tuple[object, ...], Any]
 
     def __getitem__(self, keyword: str) -> str | None:
         if keyword not in OPTION_BY_KEYWORD:
@@ -567,7 +568,7 @@ def _connect_options(
     params.max_protocol_version = max_pversion
     params.scram_client_key = scram_client_key
     params.scram_server_key = scram_server_key
-    params._startup_packets = {}
+    params._memo = {}
     return params
 
 

@@ -214,45 +214,50 @@ class ReceiveBuffer:
         run = _PARAMETER_STATUS_RUN.match(data, pos)
         if run is None:
             return []
-        # Regular expressions cut the messages (in C, not a Python loop per
-        # message); the length words are then checked, and the run ends
-        # before the first one that does not describe its own message.
-        limit = self._limit(b"S")
-        items = _PARAMETER_STATUS.findall(data, pos, run.end())
-        bodies = [b for h, b in items if int.from_bytes(h, "big") == len(b) + 5 <= limit]
-        if len(bodies) == len(items):
-            end = run.end()
-        else:  # the run ends before the first misfit
-            bodies = []
-            for header, body in items:
-                if not _fits(header, body, limit):
-                    break
-                bodies.append(body)
+        # No Python loop per message (a startup burst has 15 or so):
+        # regular expressions cut the run into length words and bodies, and
+        # the length words are checked against the bodies' sizes with C
+        # iterators.  A misfit (rare: a broken server) takes the slow road.
+        stop = run.end()
+        words = _PARAMETER_STATUS_WORDS.findall(data, pos, stop)
+        bodies = _PARAMETER_STATUS_BODIES.findall(data, pos, stop)
+        lengths = struct.unpack(f"!{len(words)}I", b"".join(words))
+        if max(lengths) > self._limit(b"S") or lengths != tuple(map(_PLUS_FIVE, map(len, bodies))):
+            bodies = _fitting_prefix(lengths, bodies, self._limit(b"S"))
             if not bodies:
                 return []
-            end = pos + sum(len(body) + 6 for body in bodies)
-        if end == len(data):
+            stop = pos + sum(map(len, bodies)) + 6 * len(bodies)
+        if stop == len(data):
             data.clear()
             self._pos = 0
         else:
-            self._pos = end
+            self._pos = stop
         # "name\0value" bodies: decoded at once, then split on the NULs.
         texts = b"\x00".join(bodies).decode("utf-8", "surrogateescape").split("\x00")
         return list(zip(texts[::2], texts[1::2], strict=True))
 
 
-def _fits(header: bytes, body: bytes, limit: int) -> bool:
-    """Does ParameterStatus length word *header* describe *body* (name, NUL,
-    value: the final NUL not included), within *limit*?"""
-    return int.from_bytes(header, "big") == len(body) + 5 <= limit
+def _fitting_prefix(lengths: tuple[int, ...], bodies: list[bytes], limit: int) -> list[bytes]:
+    """The ParameterStatus bodies before the first whose length word does not
+    describe it (name, NUL, value: the final NUL not included), or exceeds
+    *limit*."""
+    fitting = []
+    for length, body in zip(lengths, bodies, strict=True):
+        if length != len(body) + 5 or length > limit:
+            break
+        fitting.append(body)
+    return fitting
 
+
+_PLUS_FIVE: Final = (5).__add__
 
 #: A run of messages shaped like ParameterStatus ("S", a length word, two
-#: NUL-terminated strings), and one such message (its length word, and its
-#: body without the final NUL).  The shape alone does not make a message:
+#: NUL-terminated strings); the length words of such a run, and the bodies
+#: without their final NUL.  The shape alone does not make a message:
 #: take_parameter_statuses() checks each length word.
 _PARAMETER_STATUS_RUN: Final = re.compile(rb"(?:S....[^\x00]*\x00[^\x00]*\x00)+", re.DOTALL)
-_PARAMETER_STATUS: Final = re.compile(rb"S(....)([^\x00]*\x00[^\x00]*)\x00", re.DOTALL)
+_PARAMETER_STATUS_WORDS: Final = re.compile(rb"S(....)[^\x00]*\x00[^\x00]*\x00", re.DOTALL)
+_PARAMETER_STATUS_BODIES: Final = re.compile(rb"S....([^\x00]*\x00[^\x00]*)\x00", re.DOTALL)
 
 
 def _show(kind: bytes) -> str:

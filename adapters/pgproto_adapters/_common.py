@@ -484,9 +484,6 @@ class AsyncConnectionBase(ConnectionBase):
         self._lock = io.lock()
         self._wanted = 0  # queries waiting for the socket
 
-    async def _establish_on(self, machine: ConnectionStateMachine, io: AsyncTransport) -> None:
-        await establish(machine, io, self._trace)
-
     # -- connecting ---------------------------------------------------------------
 
     async def _connect(self) -> None:
@@ -494,7 +491,7 @@ class AsyncConnectionBase(ConnectionBase):
         the socket is closed before the exception goes on."""
         io = self._io
         try:
-            await self._establish_on(self._machine, io)
+            await establish(self._machine, io, self._trace)
         except BaseException:
             await io.drop()
             raise
@@ -513,7 +510,7 @@ class AsyncConnectionBase(ConnectionBase):
         await io.finish(b"" if was_closed else farewell(machine))
         machine.reset()
         try:
-            await self._establish_on(machine, io)
+            await establish(machine, io, self._trace)
         except BaseException:
             farewell(machine)
             await io.drop()
@@ -632,7 +629,7 @@ class AsyncConnectionBase(ConnectionBase):
         if deadline is not None:
             io.set_overall(deadline)
         try:
-            await self._establish_on(cancel, io)
+            await establish(cancel, io, self._trace)
         finally:
             await io.drop()
 
