@@ -36,6 +36,7 @@ from fake_server import (
     error_response,
     fixed_nonce,
     make_machine,
+    make_params,
     message,
     negotiate,
     notice,
@@ -1770,3 +1771,42 @@ def test_startup_packet_default_env_values_are_not_sent() -> None:
     assert "datestyle" not in pairs
     assert "timezone" not in pairs
     assert pairs["geqo"] == ""  # set but empty is sent as it is, as libpq does
+
+
+def test_commands_and_startup_packet_are_kept_per_params_within_a_bound() -> None:
+    """The OpenConnection commands and the StartupMessage depend on the
+    parameters alone: a second machine over the same ConnParams (what
+    resolve_params' cache hands out) gets the very same command and sends
+    the same packet.  A host name that keeps resolving to new addresses does
+    not grow the memo beyond its bound."""
+    params = make_params()
+
+    def opened(address: str) -> tuple[ConnectionStateMachine, OpenConnection]:
+        m = ConnectionStateMachine(params)
+        assert isinstance(m.next_event(), ResolveHost)
+        m.addresses_resolved([address])
+        commands = [e for e in drain_events(m) if isinstance(e, OpenConnection)]
+        assert len(commands) == 1
+        assert commands[0].address.address == address
+        return m, commands[0]
+
+    m1, first = opened("192.0.2.1")
+    m1.connection_made()
+    drain_events(m1)
+    m2, second = opened("192.0.2.1")
+    assert second is first
+    m2.connection_made()
+    drain_events(m2)
+    packet = m1.data_to_send()
+    assert b"user\x00alice\x00database\x00app\x00" in packet
+    assert m2.data_to_send() == packet
+    for i in range(2, 200):
+        opened(f"192.0.2.{i}")
+    assert len(params._memo) <= 64
+
+
+def drain_events(m: ConnectionStateMachine) -> list[Event]:
+    events: list[Event] = []
+    while (event := m.next_event()) is not NEED_DATA:
+        events.append(event)
+    return events
