@@ -92,6 +92,16 @@ class Environment:
         ``HOME``); the snapshot is taken now, as libpq reads the environment
         when it starts connecting.
         """
+        fingerprint = None
+        if environ is None and cls is Environment:
+            # A process connecting often reads the same state every time:
+            # while what from_os() reads is unchanged (compared raw, before
+            # any decoding), the last snapshot is handed out again -- it is
+            # immutable, and keeps its cache key (resolve_params).
+            fingerprint = _os_fingerprint()
+            last = _last_from_os[0]
+            if fingerprint is not None and last is not None and last[0] == fingerprint:
+                return last[1]
         env = _pg_variables() if environ is None else dict(environ)
         uid = os.geteuid()
         entry = _password_entry(uid)
@@ -99,30 +109,52 @@ class Environment:
         home_variable = _home_variable() if environ is None else environ.get("HOME")
         home = home_variable or (entry[1] if entry is not None else None)
         user = entry[0] if entry is not None else None
-        encoding = encoding_from_locale()
-        if environ is None and cls is Environment:
-            # A process connecting often reads the same state every time:
-            # hand out the last snapshot again when it is equal (it is
-            # immutable), which also keeps its cache key (resolve_params).
-            last = _last_from_os[0]
-            if (
-                last is not None
-                and last.environ == env
-                and last.home == home
-                and last.user == user
-                and last.uid == uid
-                and last.client_encoding == encoding
-            ):
-                return last
-            snapshot = cls(environ=env, home=home, user=user, uid=uid, client_encoding=encoding)
+        snapshot = cls(
+            environ=env, home=home, user=user, uid=uid, client_encoding=encoding_from_locale()
+        )
+        if fingerprint is not None:
             object.__setattr__(snapshot, "_key", snapshot.key())
-            _last_from_os[0] = snapshot
-            return snapshot
-        return cls(environ=env, home=home, user=user, uid=uid, client_encoding=encoding)
+            _last_from_os[0] = (fingerprint, snapshot)
+        return snapshot
 
 
-#: The last snapshot from_os() took of the process (see there).
-_last_from_os: list[Environment | None] = [None]
+def _os_fingerprint() -> tuple[object, ...] | None:
+    """Everything from_os() reads from the process, undecoded: the PG*
+    variables and HOME as os.environ stores them, the effective uid, the
+    LC_CTYPE locale.  None where os.environ keeps no encoded storage."""
+    data = getattr(os.environ, "_data", None)
+    if not (os.supports_bytes_environ and isinstance(data, dict)):
+        return None  # pragma: no cover - Windows
+    pg_names = _scan_pg_names(data)
+    return (
+        pg_names,
+        tuple(map(data.get, pg_names)),
+        data.get(b"HOME"),
+        os.geteuid(),
+        _current_locale(locale.LC_CTYPE),
+    )
+
+
+try:  # the C function behind locale.setlocale, without its Python wrapper
+    from _locale import setlocale as _current_locale
+except ImportError:  # pragma: no cover - a Python without _locale
+    from locale import setlocale as _current_locale
+
+
+def _scan_pg_names(data: dict[bytes, bytes]) -> tuple[bytes, ...]:
+    """The names in *data* that start with "PG".  They depend only on the
+    set of names: while that is unchanged (one comparison, in C), the last
+    scan stands."""
+    names, pg_names = _pg_names[0]
+    if data.keys() != names:
+        names = frozenset(data)
+        pg_names = tuple(key for key in names if key[:2] == b"PG")
+        _pg_names[0] = (names, pg_names)
+    return pg_names
+
+
+#: The last snapshot from_os() took of the process, with its fingerprint.
+_last_from_os: list[tuple[tuple[object, ...], Environment] | None] = [None]
 
 
 def _home_variable() -> str | None:
@@ -142,14 +174,7 @@ def _pg_variables() -> dict[str, str]:
     # __getitem__ per variable (CPython keeps the encoded pairs in ``_data``).
     data = getattr(os.environ, "_data", None)
     if os.supports_bytes_environ and isinstance(data, dict):
-        # Which names start with "PG" depends only on the set of names:
-        # while that is unchanged (one comparison, in C), the last scan stands.
-        names, pg_names = _pg_names[0]
-        if data.keys() != names:
-            names = frozenset(data)
-            pg_names = tuple(key for key in names if key[:2] == b"PG")
-            _pg_names[0] = (names, pg_names)
-        return {os.fsdecode(key): os.fsdecode(data[key]) for key in pg_names}
+        return {os.fsdecode(key): os.fsdecode(data[key]) for key in _scan_pg_names(data)}
     return {key: value for key, value in os.environ.items() if key.startswith("PG")}
 
 

@@ -28,6 +28,7 @@ Deliberate differences between pgproto and this libpq (asserted as such):
 from __future__ import annotations
 
 import base64
+import locale
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -2408,3 +2409,34 @@ def test_cache_never_hides_an_error(sandbox: Sandbox) -> None:
     resolve_params("host=/nonexistent/a", port=1)
     with pytest.raises(TypeError):  # True == 1, but the cache must not answer for it
         resolve_params("host=/nonexistent/a", port=True)
+
+
+def test_from_os_snapshot_follows_every_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    """from_os() hands out its last snapshot again only while everything it
+    reads is unchanged: a PG* value (same names), a new or removed PG*
+    variable, HOME, the LC_CTYPE locale."""
+    monkeypatch.setenv("PGAPPNAME", "one")
+    first = Environment.from_os()
+    assert Environment.from_os() is first
+    monkeypatch.setenv("PGAPPNAME", "two")
+    second = Environment.from_os()
+    assert second.environ["PGAPPNAME"] == "two"
+    monkeypatch.setenv("PGOPTIONS", "-c x=1")
+    assert Environment.from_os().environ == {**second.environ, "PGOPTIONS": "-c x=1"}
+    monkeypatch.delenv("PGOPTIONS")
+    assert Environment.from_os() == second
+    monkeypatch.setenv("HOME", "/elsewhere")
+    assert Environment.from_os().home == "/elsewhere"
+    # An environment change under a name that is not PG* or HOME changes nothing.
+    unchanged = Environment.from_os()
+    monkeypatch.setenv("NOT_PG_BUT_PGPROTO_TEST", "1")
+    monkeypatch.setenv("UNRELATED_TO_PG", "1")
+    assert Environment.from_os() == unchanged
+    saved = locale.setlocale(locale.LC_CTYPE)
+    try:
+        locale.setlocale(locale.LC_CTYPE, "C")
+        assert Environment.from_os().client_encoding == "SQL_ASCII"
+        locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
+        assert Environment.from_os().client_encoding == "UTF8"
+    finally:
+        locale.setlocale(locale.LC_CTYPE, saved)
