@@ -60,6 +60,10 @@ def test_bench_connect_quick(
         assert f"== {title}: N=2 per client" in out
     # pgproto blocking, asyncio and trio everywhere, plus "no cache" in both SCRAM scenarios
     assert out.count("verdict: pgproto") == 3 + 4 + 4
+    # The async adapters' verdicts also give libpq's own async path, for reference.
+    verdicts = [line for line in out.splitlines() if line.startswith("verdict: pgproto")]
+    for line in verdicts:
+        assert line.endswith("× psycopg async)") == ("asyncio" in line or "trio" in line), line
     assert "TLS as the server saw it: pgproto TLSv1.3" in out
     assert out.count("== cProfile, pgproto blocking") == 3 + 2
 

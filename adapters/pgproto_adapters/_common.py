@@ -1004,7 +1004,7 @@ class AsyncEntryPoints(Generic[AsyncConnectionT]):
         seconds = overall_timeout(timeout)
         io = self._connection.transport()
         await io.enter()
-        start = io.now()
+        start = io.now() if seconds is not None else 0.0  # (resolution counts too)
         machine = make_machine(
             conninfo,
             kwargs,
