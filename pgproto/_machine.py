@@ -806,16 +806,21 @@ class ConnectionStateMachine:
                     continue
                 self._start_addresses([Address(kind="tcp", address=host.hostaddr, port=host.port)])
                 return
-            assert host.host is not None
-            path = f"{host.host}/.s.PGSQL.{host.port}"
-            if len(path.encode("utf-8", "surrogateescape")) >= 108:  # sizeof(sun_path)
-                self._record_host_error(
-                    TransportError(
-                        f'Unix-domain socket path "{path}" is too long (maximum 107 bytes)'
+            memo = self.params._memo
+            address = memo.get(("unix", self._host_index))
+            if address is None:
+                assert host.host is not None
+                path = f"{host.host}/.s.PGSQL.{host.port}"
+                if len(path.encode("utf-8", "surrogateescape")) >= 108:  # sizeof(sun_path)
+                    self._record_host_error(
+                        TransportError(
+                            f'Unix-domain socket path "{path}" is too long (maximum 107 bytes)'
+                        )
                     )
-                )
-                continue
-            self._start_addresses([Address(kind="unix", address=path, port=host.port)])
+                    continue
+                address = Address(kind="unix", address=path, port=host.port)
+                memo["unix", self._host_index] = address  # (one per host: bounded)
+            self._start_addresses([address])
             return
 
     def _give_up(self) -> None:

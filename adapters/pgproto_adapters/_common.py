@@ -911,10 +911,12 @@ async def async_pump(
                 return
             if status is _WRITING:
                 io.sending = True
-                # On failure, as libpq does: drop the output and read on, so
-                # that an error the server sent before closing is reported.
-                with contextlib.suppress(OSError):
+                try:  # noqa: SIM105 (not contextlib.suppress: every connection's path)
                     await io.send(machine.data_to_send())
+                except OSError:
+                    # As libpq does: drop the output and read on, so that an
+                    # error the server sent before closing is reported.
+                    pass
                 io.sending = False
                 continue
             try:
@@ -1147,8 +1149,10 @@ class SocketTransport(AsyncTransport):
         """Best-effort send of a final message without waiting (the socket is
         about to close; Terminate is a courtesy), then close."""
         if data and self.sock is not None:
-            with contextlib.suppress(OSError):
+            try:  # noqa: SIM105 (not contextlib.suppress: every connection's path)
                 self.sock.send(data)
+            except OSError:
+                pass  # the connection is being closed: nothing to report
         self._close()
 
     async def drop(self) -> None:
