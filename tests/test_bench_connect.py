@@ -88,3 +88,35 @@ def test_bench_conninfo_quick(
     assert "resolve µs" in out
     assert "cached µs" in out
     assert "n/a" not in out
+
+
+OPCODES_BENCH = BENCH.with_name("bench_opcodes.py")
+
+
+def test_bench_opcodes_counts_every_client(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``benchmarks/bench_opcodes.py`` connects every client to its fake
+    server and counts bytecodes: pgproto's clients run the machine, psycopg's
+    do not, and every count is positive."""
+    spec = importlib.util.spec_from_file_location("bench_opcodes", OPCODES_BENCH)
+    assert spec is not None
+    assert spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)
+    spec.loader.exec_module(bench)
+    assert bench.main(["-n", "2", "--top", "40"]) == 0
+    out = capsys.readouterr().out
+    blocks = [b for b in out.split("\n\n")[1:] if b.strip()]
+    assert [b.split()[0] + " " + b.split()[1] for b in blocks] == [
+        "psycopg sync",
+        "psycopg async",
+        "pgproto blocking",
+        "pgproto asyncio",
+        "pgproto trio",
+        "pgproto anyio",
+    ]
+    for block in blocks:
+        total = int(block.splitlines()[0].split()[-1])
+        assert total > 500, block
+        assert ("pgproto/_machine.py" in block) == block.startswith("pgproto"), block
