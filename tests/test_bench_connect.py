@@ -21,8 +21,9 @@ from servers import TLSMaterial, connect_params
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_connect.py"
 
 
-def _load(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_connect", BENCH)
+def _load(monkeypatch: pytest.MonkeyPatch, path: Path = BENCH) -> ModuleType:
+    """The benchmark script at *path*, imported as a module of its own name."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -76,12 +77,7 @@ def test_bench_conninfo_quick(
 ) -> None:
     """``benchmarks/bench_conninfo.py`` runs, pgproto and libpq agree on every
     string (else the exit status is 1), and both resolve columns are filled."""
-    spec = importlib.util.spec_from_file_location("bench_conninfo", CONNINFO_BENCH)
-    assert spec is not None
-    assert spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, bench)
-    spec.loader.exec_module(bench)
+    bench = _load(monkeypatch, CONNINFO_BENCH)
     assert bench.main(["--repeat", "1", "--min-time", "0.001"]) == 0
     out = capsys.readouterr().out
     assert "warning" not in out
@@ -99,12 +95,7 @@ def test_bench_opcodes_counts_every_client(
     """``benchmarks/bench_opcodes.py`` connects every client to its fake
     server and counts bytecodes: pgproto's clients run the machine, psycopg's
     do not, and every count is positive."""
-    spec = importlib.util.spec_from_file_location("bench_opcodes", OPCODES_BENCH)
-    assert spec is not None
-    assert spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, bench)
-    spec.loader.exec_module(bench)
+    bench = _load(monkeypatch, OPCODES_BENCH)
     assert bench.main(["-n", "2", "--top", "40"]) == 0
     out = capsys.readouterr().out
     blocks = [b for b in out.split("\n\n")[1:] if b.strip()]
