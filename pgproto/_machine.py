@@ -205,10 +205,12 @@ def _auth_limit(kind: bytes) -> int:
     return _wire.AUTH_MESSAGE_LIMIT
 
 
-def _ordinary_limit(kind: bytes) -> int:
-    if kind[0] in _DATA_TYPES:
-        return _wire.DATA_MESSAGE_LIMIT
-    return _wire.ORDINARY_MESSAGE_LIMIT
+#: After authentication: the length limit of every message type, looked up
+#: in C (a dict's __getitem__, not a Python function per message).
+_ordinary_limit: Final[Callable[[bytes], int]] = {
+    bytes([kind]): _wire.DATA_MESSAGE_LIMIT if kind in _DATA_TYPES else _wire.ORDINARY_MESSAGE_LIMIT
+    for kind in range(256)
+}.__getitem__
 
 
 #: Message types that end a result (so are "unexpected" during startup).
@@ -1212,7 +1214,7 @@ class ConnectionStateMachine:
         """check_expected_areq: may the server ask for this now?"""
         required = self.params.require_auth
         if code == _AUTH_OK:
-            if self.params["sslcertmode"] == "require":
+            if self._option("sslcertmode") == "require":
                 tls = self._tls if self._tls_done else None
                 if tls is None or not tls.client_cert_requested:
                     raise AuthenticationError("server did not request an SSL certificate")
