@@ -640,13 +640,9 @@ async def test_connect_cancelled_at_a_step(
 
     Up to AuthenticationRequested, the connect has to read again, so the
     cancellation interrupts it: it raises, and the descriptors are counted
-    right after it returned, with no checkpoint in between.  On asyncio no
-    extra loop iteration is needed: the adapter closes the raw socket itself
-    when it drops the stream, and anyio's own ``SocketStream.aclose()``
-    (``transport.abort()``, which only schedules the socket's close with
-    ``call_soon``, then a ``sleep(0)`` checkpoint that runs that callback)
-    would close it before returning anyway -- with the adapter's
-    ``raw.close()`` removed, this test still passes on anyio 4.16.
+    right after it returned, with no checkpoint in between: the adapter
+    closes its socket itself (after ``anyio.notify_closing``), on either
+    backend.
 
     AUTH_OK is different: the server sends AuthenticationOk together with
     the rest of the startup (ParameterStatus, BackendKeyData, ReadyForQuery:

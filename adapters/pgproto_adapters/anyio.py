@@ -1,66 +1,54 @@
 """Connections for :mod:`anyio`, on either of its backends (asyncio, trio),
-over anyio's byte streams.
+over plain non-blocking sockets.
 
-The socket is made and connected as in the other adapters (the same
-options, the same errors), awaiting ``anyio.wait_writable`` while the
-kernel connects it; then anyio wraps it in its byte stream
-(``SocketStream.from_socket``), and everything after -- the handshake,
-queries, notifications -- is ``send``/``receive`` on that stream.  TLS stays
-in the core: the stream carries what the machine encrypted.
+As in the trio adapter, the transport reads and writes the socket directly
+and awaits ``anyio.wait_readable``/``wait_writable`` only when the kernel
+says EAGAIN (anyio's byte streams would build a transport and pass through
+the scheduler on every call: on the asyncio backend a connection cost
+twice the Python).  A connect checks for cancellation on entry.
 
 Deadlines (the per-address ``connect_timeout`` and the caller's overall
 ``timeout=``) are one cancel scope around the whole connection attempt,
 whose deadline moves when the machine starts a timer.  A cancelled connect
-leaves no socket open: the stream is closed forcefully and the socket with
-it, before the cancellation goes on.
+leaves no socket open; closing a connection wakes every task waiting on it
+(``anyio.notify_closing``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import os
 import socket
 from collections.abc import AsyncIterator
-from typing import Any, Final
+from typing import Final
 
 import anyio
-import anyio.abc
 import anyio.to_thread
 
 from pgproto._machine import ConnectionStateMachine
 
 from ._common import (
-    IN_PROGRESS,
-    RECV_SIZE,
     AsyncConnectionBase,
     AsyncEntryPoints,
-    AsyncTransport,
+    SocketTransport,
     Tracer,
     async_pump,
     closed_while_waiting,
-    open_socket,
     resolver_host,
-    sockaddr,
     stream_addresses,
 )
 
 __all__ = ["Connection", "connect", "ping"]
 
 _FOREVER: Final = float("inf")
-#: How long a closing connection may wait to hand Terminate to the stream.
-_FAREWELL_SECONDS: Final = 1.0
 
 
-class _Transport(AsyncTransport):
-    """The current socket and its byte stream, the deadlines (anyio's clock),
-    and the cancel scopes that enforce them and cut an idle read short."""
+class _Transport(SocketTransport):
+    """The socket, the deadlines (anyio's clock), and the cancel scopes that
+    enforce them while connecting and that cut an idle read short."""
 
-    __slots__ = ("idle", "raw", "scope", "stream")
+    __slots__ = ("idle", "scope")
 
     def __init__(self) -> None:
-        self.raw: socket.socket | None = None
-        self.stream: anyio.abc.SocketStream | anyio.abc.UNIXSocketStream | None = None
         self.scope: anyio.CancelScope | None = None
         self.idle: anyio.CancelScope | None = None
         super().__init__()
@@ -90,63 +78,23 @@ class _Transport(AsyncTransport):
             return True
         return False
 
-    async def open(self, command: Any) -> socket.socket:
-        sock = self.raw = open_socket(command)
+    async def _wait(self, sock: socket.socket, writable: bool) -> None:
         try:
-            error = sock.connect_ex(sockaddr(command.address))
-            if error in IN_PROGRESS:
-                try:
-                    await anyio.wait_writable(sock)
-                except anyio.ClosedResourceError:
-                    raise closed_while_waiting() from None
-                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        except OSError as exc:
-            error = exc.errno or errno.EIO
-        if error:
-            await self.drop()
-            raise OSError(error, os.strerror(error))
-        try:
-            if command.address.kind == "unix":
-                self.stream = await anyio.abc.UNIXSocketStream.from_socket(sock)
-            else:
-                self.stream = await anyio.abc.SocketStream.from_socket(sock)
-        except BaseException:
-            await self.drop()
-            raise
-        return sock
-
-    def _stream(self) -> anyio.abc.SocketStream | anyio.abc.UNIXSocketStream:
-        if self.stream is None:
-            raise closed_while_waiting()
-        return self.stream
-
-    async def send(self, data: bytes) -> None:
-        try:
-            await self._stream().send(data)
-        except anyio.ClosedResourceError:
-            raise closed_while_waiting() from None
-        except anyio.BrokenResourceError as exc:
-            raise OSError(errno.EPIPE, "the stream is broken") from exc
-
-    async def receive(self) -> bytes:
-        try:
-            return await self._stream().receive(RECV_SIZE)
-        except anyio.EndOfStream:
-            return b""
-        except anyio.BrokenResourceError:
-            return b""  # ECONNRESET and the like: end of file
+            await (anyio.wait_writable if writable else anyio.wait_readable)(sock)
         except anyio.ClosedResourceError:
             raise closed_while_waiting() from None
 
-    async def receive_idle(self, deadline: float | None) -> bytes | None:
-        data = None
+    async def _wait_idle(self, sock: socket.socket, deadline: float | None) -> bool:
         with anyio.CancelScope(deadline=_FOREVER if deadline is None else deadline) as scope:
             self.idle = scope
             try:
-                data = await self.receive()
+                await self._wait(sock, False)
             finally:
                 self.idle = None
-        return data
+        return not scope.cancelled_caught
+
+    async def _checkpoint(self) -> None:
+        await anyio.lowlevel.checkpoint()
 
     def preempt(self) -> None:
         if self.idle is not None:
@@ -166,29 +114,11 @@ class _Transport(AsyncTransport):
             )
         return stream_addresses(infos)
 
-    async def finish(self, data: bytes) -> None:
-        stream = self.stream
-        if data and stream is not None:
-            with (
-                anyio.CancelScope(shield=True),
-                anyio.move_on_after(_FAREWELL_SECONDS),
-                contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError),
-            ):
-                await stream.send(data)
-        await self.drop()
-
-    async def drop(self) -> None:
-        stream, raw = self.stream, self.raw
-        self.stream = self.raw = None
-        if stream is not None:
-            await anyio.aclose_forcefully(stream)
-        if raw is not None:
-            # Without a stream yet (connecting): wake a wait_writable.  With
-            # one, the stream closed it already, or will at the loop's next
-            # turn (asyncio's transport): closing it here makes it at once.
-            if stream is None:
-                anyio.notify_closing(raw)
-            raw.close()
+    def _close(self) -> None:
+        if self.sock is not None:
+            anyio.notify_closing(self.sock)
+            self.sock.close()
+            self.sock = None
 
     @contextlib.asynccontextmanager
     async def shielded(self, seconds: float) -> AsyncIterator[None]:
