@@ -14,8 +14,9 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any, ClassVar, Final, Generic, Protocol, Self, TypeVar
 
 from pgproto import (
@@ -57,6 +58,8 @@ __all__ = [
     "ConnectionBase",
     "QueryCollector",
     "QueryResult",
+    "ScopeFramework",
+    "ScopedSocketTransport",
     "SocketTransport",
     "Tracer",
     "establish",
@@ -1157,3 +1160,122 @@ class SocketTransport(AsyncTransport):
 
     async def drop(self) -> None:
         self._close()
+
+
+_FOREVER: Final = float("inf")
+
+
+class CancelScope(Protocol):
+    """What ScopedSocketTransport uses of trio's and anyio's CancelScope."""
+
+    @property
+    def deadline(self) -> float: ...
+    @deadline.setter
+    def deadline(self, value: float) -> None: ...
+    @property
+    def cancelled_caught(self) -> bool: ...
+    def cancel(self) -> None: ...
+    def __enter__(self) -> CancelScope: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+        /,
+    ) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeFramework:
+    """The primitives of a framework with cancel scopes (trio, anyio: theirs
+    have the same shape), for :class:`ScopedSocketTransport`."""
+
+    cancel_scope: Callable[..., CancelScope]
+    current_time: Callable[[], float]
+    checkpoint: Callable[[], Awaitable[None]]
+    checkpoint_if_cancelled: Callable[[], Awaitable[None]]
+    wait_readable: Callable[[socket.socket], Awaitable[None]]
+    wait_writable: Callable[[socket.socket], Awaitable[None]]
+    notify_closing: Callable[[socket.socket], None]
+    closed_resource_error: type[Exception]
+
+
+class ScopedSocketTransport(SocketTransport):
+    """A :class:`SocketTransport` for the frameworks with cancel scopes (trio,
+    anyio): each adapter's subclass names its framework's primitives
+    (``framework``), and says how it resolves a name and cancels a task.
+
+    Deadlines are one cancel scope around the connection attempt, whose
+    deadline follows ``deadline``; an idle read waits in a scope of its own
+    that :meth:`preempt` cancels; closing the socket first wakes whoever
+    waits on it (``notify_closing``: they raise the framework's
+    ``ClosedResourceError``, turned into ConnectionClosed).
+    """
+
+    __slots__ = ("idle", "scope")
+
+    framework: ClassVar[ScopeFramework]
+
+    def __init__(self) -> None:
+        self.scope: CancelScope | None = None  # while connecting
+        self.idle: CancelScope | None = None  # while waiting on an idle connection
+        super().__init__()
+
+    def moved(self) -> None:
+        if self.scope is not None:
+            self.scope.deadline = _FOREVER if self.deadline is None else self.deadline
+
+    def now(self) -> float:
+        return self.framework.current_time()
+
+    async def enter(self) -> None:
+        await self.framework.checkpoint_if_cancelled()
+
+    async def pump_before_deadline(
+        self, machine: ConnectionStateMachine, trace: Tracer | None
+    ) -> bool:
+        deadline = _FOREVER if self.deadline is None else self.deadline
+        with self.framework.cancel_scope(deadline=deadline) as scope:
+            self.scope = scope
+            try:
+                await async_pump(machine, self, trace)
+            finally:
+                self.scope = None
+            return True
+        return False
+
+    async def _wait(self, sock: socket.socket, writable: bool) -> None:
+        framework = self.framework
+        try:
+            await (framework.wait_writable if writable else framework.wait_readable)(sock)
+        except framework.closed_resource_error:
+            raise closed_while_waiting() from None
+
+    async def _wait_idle(self, sock: socket.socket, deadline: float | None) -> bool:
+        scope = self.framework.cancel_scope(deadline=_FOREVER if deadline is None else deadline)
+        with scope:
+            self.idle = scope
+            try:
+                await self._wait(sock, False)
+            finally:
+                self.idle = None
+        return not scope.cancelled_caught
+
+    async def _checkpoint(self) -> None:
+        await self.framework.checkpoint()
+
+    def preempt(self) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
+
+    def _close(self) -> None:
+        if self.sock is not None:
+            self.framework.notify_closing(self.sock)
+            self.sock.close()
+            self.sock = None
+
+    @contextlib.asynccontextmanager
+    async def shielded(self, seconds: float) -> AsyncIterator[None]:
+        framework = self.framework
+        with framework.cancel_scope(shield=True, deadline=framework.current_time() + seconds):
+            yield

@@ -16,89 +16,41 @@ leaves no socket open; closing a connection wakes every task waiting on it
 
 from __future__ import annotations
 
-import contextlib
 import socket
-from collections.abc import AsyncIterator
 from typing import Final
 
 import anyio
 import anyio.to_thread
 
-from pgproto._machine import ConnectionStateMachine
-
 from ._common import (
     AsyncConnectionBase,
     AsyncEntryPoints,
-    SocketTransport,
-    Tracer,
-    async_pump,
-    closed_while_waiting,
+    ScopedSocketTransport,
+    ScopeFramework,
     resolver_host,
     stream_addresses,
 )
 
 __all__ = ["Connection", "connect", "ping"]
 
-_FOREVER: Final = float("inf")
 
-
-class _Transport(SocketTransport):
+class _Transport(ScopedSocketTransport):
     """The socket, the deadlines (anyio's clock), and the cancel scopes that
     enforce them while connecting and that cut an idle read short."""
 
-    __slots__ = ("idle", "scope")
-
-    def __init__(self) -> None:
-        self.scope: anyio.CancelScope | None = None
-        self.idle: anyio.CancelScope | None = None
-        super().__init__()
+    __slots__ = ()
 
     lock = staticmethod(anyio.Lock)
-
-    def moved(self) -> None:
-        if self.scope is not None:
-            self.scope.deadline = _FOREVER if self.deadline is None else self.deadline
-
-    def now(self) -> float:
-        return anyio.current_time()
-
-    async def enter(self) -> None:
-        await anyio.lowlevel.checkpoint_if_cancelled()
-
-    async def pump_before_deadline(
-        self, machine: ConnectionStateMachine, trace: Tracer | None
-    ) -> bool:
-        deadline = _FOREVER if self.deadline is None else self.deadline
-        with anyio.CancelScope(deadline=deadline) as scope:
-            self.scope = scope
-            try:
-                await async_pump(machine, self, trace)
-            finally:
-                self.scope = None
-            return True
-        return False
-
-    async def _wait(self, sock: socket.socket, writable: bool) -> None:
-        try:
-            await (anyio.wait_writable if writable else anyio.wait_readable)(sock)
-        except anyio.ClosedResourceError:
-            raise closed_while_waiting() from None
-
-    async def _wait_idle(self, sock: socket.socket, deadline: float | None) -> bool:
-        with anyio.CancelScope(deadline=_FOREVER if deadline is None else deadline) as scope:
-            self.idle = scope
-            try:
-                await self._wait(sock, False)
-            finally:
-                self.idle = None
-        return not scope.cancelled_caught
-
-    async def _checkpoint(self) -> None:
-        await anyio.lowlevel.checkpoint()
-
-    def preempt(self) -> None:
-        if self.idle is not None:
-            self.idle.cancel()
+    framework = ScopeFramework(
+        cancel_scope=anyio.CancelScope,
+        current_time=anyio.current_time,
+        checkpoint=anyio.lowlevel.checkpoint,
+        checkpoint_if_cancelled=anyio.lowlevel.checkpoint_if_cancelled,
+        wait_readable=anyio.wait_readable,
+        wait_writable=anyio.wait_writable,
+        notify_closing=anyio.notify_closing,
+        closed_resource_error=anyio.ClosedResourceError,
+    )
 
     async def resolve(self, host: str, port: int) -> list[str]:
         name = resolver_host(host)
@@ -113,17 +65,6 @@ class _Transport(SocketTransport):
                 abandon_on_cancel=True,
             )
         return stream_addresses(infos)
-
-    def _close(self) -> None:
-        if self.sock is not None:
-            anyio.notify_closing(self.sock)
-            self.sock.close()
-            self.sock = None
-
-    @contextlib.asynccontextmanager
-    async def shielded(self, seconds: float) -> AsyncIterator[None]:
-        with anyio.CancelScope(shield=True, deadline=anyio.current_time() + seconds):
-            yield
 
     @property
     def cancellation(self) -> type[BaseException]:
