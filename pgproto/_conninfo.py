@@ -329,7 +329,10 @@ def _uri_decode(raw: str, secret: str | None) -> str:
 #: A ``?`` ends a keyword: where the host part holds an ``&`` before the
 #: query's ``?`` (``postgresql://[::1&?password=...``), the parameter must
 #: still be seen as ``password``, not as ``?password``.
-_URI_SECRET_PARAM: Final = re.compile(r"([?&])([^=&?]*)=([^&]*)")
+#: Where a URI query parameter's value begins ("?name=" or "&name="): the
+#: values are not part of the match, so that a non-secret parameter whose
+#: value runs on (say, one in a malformed host) cannot hide a secret one.
+_URI_PARAM_START: Final = re.compile(r"[?&]([^=&?]*)=")
 
 
 def _mask_uri(uri: str) -> str:
@@ -341,16 +344,24 @@ def _mask_uri(uri: str) -> str:
         if colon >= 0 and colon + 1 < at:
             uri = uri[: colon + 1] + _MASK + uri[at:]
 
-    def mask(m: re.Match[str]) -> str:
+    # A secret parameter's value is masked up to the next "&" (a "?" or "="
+    # inside it included); parameters that start inside a masked value are
+    # part of it.
+    pieces: list[str] = []
+    pos = 0
+    for m in _URI_PARAM_START.finditer(uri):
+        if m.start() < pos:
+            continue
         try:
-            keyword = _uri_decode(m.group(2), None)
+            keyword = _uri_decode(m.group(1), None)
         except ConninfoError:
-            keyword = m.group(2)
+            keyword = m.group(1)
         if keyword in SECRET_KEYWORDS:
-            return f"{m.group(1)}{m.group(2)}={_MASK}"
-        return m.group(0)
-
-    return _URI_SECRET_PARAM.sub(mask, uri)
+            end = uri.find("&", m.end())
+            pieces += (uri[pos : m.end()], _MASK)
+            pos = len(uri) if end < 0 else end
+    pieces.append(uri[pos:])
+    return "".join(pieces)
 
 
 def _byte_length(text: str) -> int:
