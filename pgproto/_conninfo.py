@@ -326,12 +326,12 @@ def _uri_decode(raw: str, secret: str | None) -> str:
     return body
 
 
-#: A ``?`` ends a keyword: where the host part holds an ``&`` before the
-#: query's ``?`` (``postgresql://[::1&?password=...``), the parameter must
-#: still be seen as ``password``, not as ``?password``.
-#: Where a URI query parameter's value begins ("?name=" or "&name="): the
-#: values are not part of the match, so that a non-secret parameter whose
-#: value runs on (say, one in a malformed host) cannot hide a secret one.
+#: Where a URI query parameter's value begins ("?name=" or "&name=").  A
+#: ``?`` ends a name: where the host part holds an ``&`` before the query's
+#: ``?`` (``postgresql://[::1&?password=...``), the parameter is still
+#: ``password``.  Values are not part of the match, so that a non-secret
+#: parameter whose value runs on (say, one in a malformed host) cannot hide
+#: a secret one.
 _URI_PARAM_START: Final = re.compile(r"[?&]([^=&?]*)=")
 
 

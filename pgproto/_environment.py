@@ -122,8 +122,8 @@ def _os_fingerprint() -> tuple[object, ...] | None:
     """Everything from_os() reads from the process, undecoded: the PG*
     variables and HOME as os.environ stores them, the effective uid, the
     LC_CTYPE locale.  None where os.environ keeps no encoded storage."""
-    data = getattr(os.environ, "_data", None)
-    if not (os.supports_bytes_environ and isinstance(data, dict)):
+    data = _encoded_environ()
+    if data is None:
         return None  # pragma: no cover - Windows
     pg_names = _scan_pg_names(data)
     return (
@@ -157,11 +157,19 @@ def _scan_pg_names(data: dict[bytes, bytes]) -> tuple[bytes, ...]:
 _last_from_os: list[tuple[tuple[object, ...], Environment] | None] = [None]
 
 
+def _encoded_environ() -> dict[bytes, bytes] | None:
+    """os.environ's own storage of the encoded pairs, where CPython keeps one
+    (``_data``): reading it avoids a Python-level ``__getitem__`` and a
+    decoding per variable.  None elsewhere (Windows)."""
+    data = getattr(os.environ, "_data", None)
+    return data if os.supports_bytes_environ and isinstance(data, dict) else None
+
+
 def _home_variable() -> str | None:
     """``$HOME`` of the process (from os.environ's encoded storage when it
     has one, as :func:`_pg_variables` does)."""
-    data = getattr(os.environ, "_data", None)
-    if os.supports_bytes_environ and isinstance(data, dict):
+    data = _encoded_environ()
+    if data is not None:
         value = data.get(b"HOME")
         return None if value is None else os.fsdecode(value)
     return os.environ.get("HOME")
@@ -170,10 +178,8 @@ def _home_variable() -> str | None:
 def _pg_variables() -> dict[str, str]:
     """The process's ``PG*`` variables (decoding only those: connecting often
     should not pay for decoding a large environment)."""
-    # os.environ's own storage, when it has it, avoids a Python-level
-    # __getitem__ per variable (CPython keeps the encoded pairs in ``_data``).
-    data = getattr(os.environ, "_data", None)
-    if os.supports_bytes_environ and isinstance(data, dict):
+    data = _encoded_environ()
+    if data is not None:
         return {os.fsdecode(key): os.fsdecode(data[key]) for key in _scan_pg_names(data)}
     return {key: value for key, value in os.environ.items() if key.startswith("PG")}
 

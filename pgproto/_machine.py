@@ -880,13 +880,9 @@ class ConnectionStateMachine:
             if method is None:  # cannot happen: _allowed is never empty
                 raise LocalProtocolError("internal error: no encryption method left")
             self._method = method
-        if self._server_state_unused:
-            # Nothing was received since the reset: spare a second one (the
-            # first attempt's case, __init__ having reset it).
-            self._server_state_unused = False
-        else:
+        if not self._server_state_unused:  # (the first attempt's: __init__ reset it)
             self._reset_server_state()
-            self._server_state_unused = False
+        self._server_state_unused = False
         if self._reports:
             self._events.append(
                 AttemptStarted(

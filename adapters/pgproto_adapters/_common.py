@@ -1050,8 +1050,8 @@ class AsyncEntryPoints(Generic[AsyncConnectionT]):
 
 
 class SocketTransport(AsyncTransport):
-    """An :class:`AsyncTransport` over a plain non-blocking socket (asyncio,
-    trio): it reads and writes the socket directly and asks the framework to
+    """An :class:`AsyncTransport` over a plain non-blocking socket (every
+    async adapter's): it reads and writes the socket directly and asks the framework to
     wait only when the kernel says EAGAIN (a framework's socket wrapper
     would pass through its scheduler on every call, even one that completes
     at once).  The adapter supplies the waits and the close."""
