@@ -69,7 +69,8 @@ class FakeServer:
         self.listener.bind(f"{self.directory.name}/.s.PGSQL.{self.port}")
         self.listener.listen(64)
         self.burst = burst
-        threading.Thread(target=self._serve, name="fake server", daemon=True).start()
+        self.thread = threading.Thread(target=self._serve, name="fake server", daemon=True)
+        self.thread.start()
 
     @property
     def conninfo(self) -> str:
@@ -87,7 +88,17 @@ class FakeServer:
                 conn.recv(65536)  # Terminate (or the end of the stream)
 
     def close(self) -> None:
+        """Stop the thread (on Linux, shutdown() wakes its accept(); close()
+        alone would not) and remove the socket's directory."""
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:  # not here: the daemon thread stays in accept()
+            woken = False
+        else:
+            woken = True
         self.listener.close()
+        if woken:
+            self.thread.join()
         self.directory.cleanup()
 
 

@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from capture import CANCEL_REQUEST_CODE
+
 import pgproto
 from pgproto import (
     NEED_DATA,
@@ -60,6 +62,7 @@ __all__ = [
     "command_complete",
     "connect_error",
     "data_row",
+    "drain",
     "error_response",
     "fields_body",
     "fixed_nonce",
@@ -221,14 +224,12 @@ def startup_done(
 
 SSL_REQUEST: Final = b"\x00\x00\x00\x08\x04\xd2\x16\x2f"
 TERMINATE: Final = b"X\x00\x00\x00\x04"
-#: The CancelRequest code, 1234.5678.
-_CANCEL_CODE: Final = 80877102
 
 
 def cancel_request(pid: int, key: bytes) -> bytes:
     """A CancelRequest (length, code, pid, key), built here, independently of
     ``pgproto._wire``."""
-    return struct.pack("!III", 12 + len(key), _CANCEL_CODE, pid) + key
+    return struct.pack("!III", 12 + len(key), CANCEL_REQUEST_CODE, pid) + key
 
 
 @dataclass(frozen=True)
@@ -438,6 +439,15 @@ def connect_error(harness: Harness, turns: Iterable[bytes] = ()) -> pgproto.Conn
     except pgproto.ConnectError as exc:
         return exc
     raise AssertionError(f"no ConnectError; machine status {harness.machine.status.name}")
+
+
+def drain(m: ConnectionStateMachine) -> list[Event]:
+    """The events queued up to NEED_DATA."""
+    events: list[Event] = []
+    while (event := m.next_event()) is not NEED_DATA:
+        assert isinstance(event, Event)
+        events.append(event)
+    return events
 
 
 def status_of(m: ConnectionStateMachine) -> ConnStatus:

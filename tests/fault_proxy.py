@@ -79,14 +79,7 @@ import struct
 from collections.abc import Callable
 from typing import Final, Literal
 
-from capture import (
-    GSSENC_REQUEST_CODE,
-    SSL_REQUEST_CODE,
-    TLS_HANDSHAKE,
-    Direction,
-    RelayThread,
-    set_interest,
-)
+from capture import TLS_HANDSHAKE, Direction, RelayThread, first_packet_kind, set_interest
 
 __all__ = [
     "FAULT_KINDS",
@@ -309,15 +302,6 @@ def _unit_length(framing: str, data: bytearray, offset: int) -> int | None:
     return 1 + max(4, int.from_bytes(data[offset + 1 : offset + 5], "big", signed=True))
 
 
-def _first_kind(packet: bytes) -> str:
-    code = struct.unpack_from("!i", packet, 4)[0] if len(packet) >= 8 else 0
-    if code == SSL_REQUEST_CODE:
-        return "ssl_request"
-    if code == GSSENC_REQUEST_CODE:
-        return "gssenc_request"
-    return "startup"
-
-
 class _Stream(Direction):
     """One direction: bytes read, bytes waiting to be written, units."""
 
@@ -470,8 +454,9 @@ class FaultProxy(RelayThread[_Conn]):
         stream = conn.up
         unit_bytes = bytes(stream.recorded[start : start + length])
         if stream.framing == _FIRST:
-            kind = _first_kind(unit_bytes)
-            if kind == "startup":
+            kind = first_packet_kind(unit_bytes)
+            if kind not in ("ssl_request", "gssenc_request"):
+                kind = "startup"
                 stream.framing = _TYPED
                 conn.down.framing = _TYPED
             else:

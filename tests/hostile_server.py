@@ -60,8 +60,10 @@ __all__ = [
     "Startup",
     "TLSFailed",
     "cert_end_point",
+    "finish_startup",
     "parse_client_stream",
     "scram_server",
+    "tamper_signature",
 ]
 
 #: How long a script may run, and how long the drain waits for the client to
@@ -462,10 +464,8 @@ class HostileServer:
                 if script is not None:
                     async with asyncio.timeout(SCRIPT_TIMEOUT):
                         await script(peer)
-            except (_Cut, ClientEOF):
-                pass
-            except TLSFailed:
-                pass  # recorded in record.tls_error
+            except (_Cut, ClientEOF, TLSFailed):
+                pass  # a TLS failure is in record.tls_error
             except Exception as exc:  # a script bug, or the client did something unplanned
                 record.script_error = exc
             with contextlib.suppress(Exception):

@@ -348,7 +348,7 @@ async def test_query_on_a_terminated_backend(
         libpq = psycopg.connect(**params)
         with libpq:
             admin.execute("select pg_terminate_backend(%s)", (libpq.info.backend_pid,))
-            await _until(lambda: activity(admin, libpq.info.backend_pid) is None, "exit")
+            await _until(lambda: gone(admin, libpq.info.backend_pid), "exit")
             with pytest.raises(psycopg.errors.AdminShutdown):
                 libpq.execute("select 1")
 

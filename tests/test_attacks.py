@@ -487,7 +487,8 @@ def _downgrades() -> list[Attack]:
 
 
 def _tls() -> list[Attack]:
-    a = functools.partial(Attack, category="tls")
+    # unless an entry says otherwise: nothing past the SSLRequest or the TLS handshake
+    a = functools.partial(Attack, category="tls", may_send=NOTHING)
     attacks = [
         a(
             name="plaintext injected after 'S' (CVE-2021-23222), sslmode=require",
@@ -495,7 +496,6 @@ def _tls() -> list[Attack]:
             script=ssl_reply(b"S", AUTH_OK, startup_done()),
             error=pgproto.RemoteProtocolError,
             message="received unencrypted data after SSL response",
-            may_send=NOTHING,
             # libpq 18.6 (psycopg's wheel) does not end promptly here: it
             # waits for connect_timeout ("timeout expired"); not compared.
         ),
@@ -505,7 +505,6 @@ def _tls() -> list[Attack]:
             script=ssl_reply(b"S", AUTH_OK, startup_done()),
             error=pgproto.RemoteProtocolError,
             message="received unencrypted data after SSL response",
-            may_send=NOTHING,
             # libpq 18.6 (psycopg's wheel) does not end promptly here: it
             # waits for connect_timeout ("timeout expired"); not compared.
         ),
@@ -515,7 +514,6 @@ def _tls() -> list[Attack]:
             script=ssl_reply(error_response("28000", EVIL)),
             error=pgproto.RemoteProtocolError,
             message="server sent an error response during SSL exchange",
-            may_send=NOTHING,
             hidden=(EVIL, "EVIL-SERVER-TEXT", "28000"),
             libpq=True,
         ),
@@ -525,7 +523,6 @@ def _tls() -> list[Attack]:
             script=ssl_reply(error_response("28000", EVIL)),
             error=pgproto.RemoteProtocolError,
             message="server sent an error response during SSL exchange",
-            may_send=NOTHING,
             hidden=(EVIL, "EVIL-SERVER-TEXT", "28000"),
         ),
         a(
@@ -534,7 +531,6 @@ def _tls() -> list[Attack]:
             script=ssl_reply(b"N"),
             error=pgproto.TLSError,
             message="server does not support SSL, but SSL was required",
-            may_send=NOTHING,
             libpq=True,
         ),
         a(
@@ -543,7 +539,6 @@ def _tls() -> list[Attack]:
             script=ssl_reply(b"N"),
             error=pgproto.TLSError,
             message="server does not support SSL, but SSL was required",
-            may_send=NOTHING,
             libpq=True,
         ),
         a(
@@ -552,7 +547,6 @@ def _tls() -> list[Attack]:
             script=plain_then_garbage(),
             error=pgproto.TLSError,
             message="SSL",
-            may_send=NOTHING,
             libpq=True,
         ),
         a(
@@ -561,7 +555,6 @@ def _tls() -> list[Attack]:
             script=over_tls(done(), cert="no-alpn"),
             error=pgproto.TLSError,
             message="direct SSL connection was established without ALPN",
-            may_send=NOTHING,
             libpq=True,
         ),
         a(
@@ -570,7 +563,6 @@ def _tls() -> list[Attack]:
             script=over_tls(done(), cert="no-alpn"),
             error=pgproto.TLSError,
             message="direct SSL connection was established without ALPN",
-            may_send=NOTHING,
             libpq=True,
         ),
     ]
@@ -628,159 +620,127 @@ def _tls() -> list[Attack]:
 
 
 def _protocol() -> list[Attack]:
-    a = functools.partial(Attack, category="protocol")
+    # unless an entry says otherwise: plaintext, and nothing past the startup packet
+    a = functools.partial(Attack, category="protocol", options=PLAIN, may_send=STARTUP)
     after_ok = functools.partial(plain, send(AUTH_OK, parameter_status("server_version", "18.0")))
     return [
         a(
             name="negative length in an authentication request",
-            options=PLAIN,
             script=plain(send(b"R" + _INT32.pack(-1) + b"\x00" * 8)),
             error=pgproto.RemoteProtocolError,
             message="more than the 2000 bytes allowed here",
-            may_send=STARTUP,
             libpq=True,
         ),
         a(
             name="negative length after AuthenticationOk",
-            options=PLAIN,
             script=after_ok(send(b"S" + _INT32.pack(-5) + b"\x00" * 8)),
             error=pgproto.RemoteProtocolError,
             message="allowed here",
-            may_send=STARTUP,
             libpq=True,
         ),
         a(
             name="length 3 (< 4) in an authentication request",
-            options=PLAIN,
             script=plain(send(b"R\x00\x00\x00\x03\x00\x00\x00\x00")),
             error=pgproto.RemoteProtocolError,
             message="invalid message length 3",
-            may_send=STARTUP,
             libpq=True,
         ),
         a(
             name="length 0 after AuthenticationOk",
-            options=PLAIN,
             script=after_ok(send(b"Z\x00\x00\x00\x00I")),
             error=pgproto.RemoteProtocolError,
             message="invalid message length 0",
-            may_send=STARTUP,
             libpq=True,
         ),
         a(
             name="1 GiB authentication request",
-            options=PLAIN,
             script=plain(send(b"R" + _INT32.pack(GiB) + b"\x00" * 64)),
             error=pgproto.RemoteProtocolError,
             message="more than the 2000 bytes allowed here",
-            may_send=STARTUP,
             memory=True,
             libpq=True,
         ),
         a(
             name="1 GiB ErrorResponse during authentication",
-            options=PLAIN,
             script=plain(send(b"E" + _INT32.pack(GiB) + b"SFATAL\x00" * 64)),
             error=pgproto.RemoteProtocolError,
             message="more than the 30000 bytes allowed here",
-            may_send=STARTUP,
             memory=True,
             libpq=True,
         ),
         a(
             name="1 GiB ParameterStatus after AuthenticationOk",
-            options=PLAIN,
             script=after_ok(send(b"S" + _INT32.pack(GiB) + b"x" * 4096)),
             error=pgproto.RemoteProtocolError,
             message="more than the 30000 bytes allowed here",
-            may_send=STARTUP,
             memory=True,
             libpq=True,
         ),
         a(
             name="1 GiB DataRow during startup, 1 MB of it sent, then EOF",
-            options=PLAIN,
             script=after_ok(send(b"D" + _INT32.pack(GiB - 1) + b"\x00" * (1 << 20)), hang_up()),
             error=pgproto.TransportError,
             message="server closed the connection unexpectedly",
-            may_send=STARTUP,
             memory=True,
             libpq=True,
         ),
         a(
             name="unknown message type during authentication",
-            options=PLAIN,
             script=plain(send(message(b"x", b"\x00\x00\x00\x00"))),
             error=pgproto.RemoteProtocolError,
             message="expected authentication request from server, but received 'x'",
-            may_send=STARTUP,
             libpq=True,
         ),
         a(
             name="an HTTP server answers the startup packet",
-            options=PLAIN,
             script=plain(send(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")),
             error=pgproto.RemoteProtocolError,
             message="expected authentication request from server, but received 'H'",
-            may_send=STARTUP,
             libpq=True,
         ),
         a(
             name="unknown message type after AuthenticationOk",
-            options=PLAIN,
             script=after_ok(send(message(b"x", b"junk"))),
             error=pgproto.RemoteProtocolError,
             message='first received character was "x"',
-            may_send=STARTUP,
             libpq=True,
         ),
         a(
             name="CommandComplete during startup",
-            options=PLAIN,
             script=after_ok(send(message(b"C", b"SELECT 1\x00"))),
             error=pgproto.RemoteProtocolError,
             message="unexpected message from server during startup",
-            may_send=STARTUP,
             libpq=True,
         ),
         a(
             name="unknown authentication request code",
-            options=PLAIN,
             script=plain(send(auth(99))),
             error=pgproto.AuthenticationError,
             message="authentication method 99 not supported",
-            may_send=STARTUP,
             libpq=True,
         ),
         a(
             name="truncated authentication request (2-byte body)",
-            options=PLAIN,
             script=plain(send(message(b"R", b"\x00\x00"))),
             error=pgproto.RemoteProtocolError,
             message="received invalid authentication request",
-            may_send=STARTUP,
             libpq=True,
         ),
         a(
             name="truncated MD5 salt",
-            options=PLAIN,
             script=plain(send(auth(5, b"ab"))),
             error=pgproto.RemoteProtocolError,
             message="received invalid authentication request",
-            may_send=STARTUP,
         ),
         a(
             name="unterminated SASL mechanism list",
-            options=PLAIN,
             script=plain(send(auth(10, b"SCRAM-SHA-256"))),
             error=pgproto.RemoteProtocolError,
             message="invalid list of authentication mechanisms",
-            may_send=STARTUP,
             libpq=True,
         ),
         a(
             name="empty SASLContinue",
-            options=PLAIN,
             script=plain(scram(stop_after="initial"), send(auth(11))),
             error=pgproto.RemoteProtocolError,
             message="malformed SCRAM message (empty message)",
@@ -789,7 +749,6 @@ def _protocol() -> list[Attack]:
         ),
         a(
             name="SASLFinal before SASLContinue",
-            options=PLAIN,
             script=plain(scram(stop_after="initial"), send(auth(12, b"v=AAAA"))),
             error=pgproto.RemoteProtocolError,
             message="SASL authentication was not completed",
@@ -798,43 +757,33 @@ def _protocol() -> list[Attack]:
         ),
         a(
             name="unterminated ErrorResponse",
-            options=PLAIN,
             script=plain(send(message(b"E", b"SFATAL"))),
             error=pgproto.RemoteProtocolError,
             message="malformed ErrorResponse message",
-            may_send=STARTUP,
         ),
         a(
             name="truncated ParameterStatus",
-            options=PLAIN,
             script=after_ok(send(message(b"S", b"name\x00value"))),
             error=pgproto.RemoteProtocolError,
             message="malformed ParameterStatus message",
-            may_send=STARTUP,
         ),
         a(
             name="empty ReadyForQuery",
-            options=PLAIN,
             script=after_ok(send(backend_key(), message(b"Z"))),
             error=pgproto.RemoteProtocolError,
             message="malformed ReadyForQuery message",
-            may_send=STARTUP,
         ),
         a(
             name="ReadyForQuery with an unknown status",
-            options=PLAIN,
             script=after_ok(send(backend_key(), ready(b"X"))),
             error=pgproto.RemoteProtocolError,
             message="ReadyForQuery with unknown status",
-            may_send=STARTUP,
         ),
         a(
             name="NegotiateProtocolVersion upgrading 3.0 to 3.2",
-            options=PLAIN,
             script=plain(send(negotiate((3, 2)))),
             error=pgproto.RemoteProtocolError,
             message="server requested downgrade to a higher-numbered version",
-            may_send=STARTUP,
             libpq=True,
         ),
         a(
@@ -843,7 +792,6 @@ def _protocol() -> list[Attack]:
             script=plain(send(negotiate((3, 9)))),
             error=pgproto.RemoteProtocolError,
             message="server requested downgrade to a higher-numbered version",
-            may_send=STARTUP,
             libpq=True,
         ),
         a(
@@ -852,7 +800,6 @@ def _protocol() -> list[Attack]:
             script=plain(send(negotiate((3, 0)), negotiate((3, 0)))),
             error=pgproto.RemoteProtocolError,
             message="duplicate protocol negotiation message",
-            may_send=STARTUP,
         ),
         a(
             name="BackendKeyData with a 300-byte key (protocol 3.2)",
@@ -860,25 +807,20 @@ def _protocol() -> list[Attack]:
             script=after_ok(send(backend_key(key=b"k" * 300), ready())),
             error=pgproto.RemoteProtocolError,
             message="cancel key with length 300 is too long (maximum 256 bytes)",
-            may_send=STARTUP,
             libpq=True,
         ),
         a(
             name="BackendKeyData with a 257-byte key (protocol 3.0)",
-            options=PLAIN,
             script=after_ok(send(backend_key(key=b"k" * 257), ready())),
             error=pgproto.RemoteProtocolError,
             message="cancel key with length 257 is too long",
-            may_send=STARTUP,
             libpq=True,
         ),
         a(
             name="BackendKeyData with a 3-byte key",
-            options=PLAIN,
             script=after_ok(send(backend_key(key=b"kkk"), ready())),
             error=pgproto.RemoteProtocolError,
             message="cancel key with length 3 is too short",
-            may_send=STARTUP,
             libpq=True,
         ),
     ]
@@ -910,29 +852,16 @@ async def _connect_async(module: Any, kwargs: dict[str, Any]) -> pgproto.Error |
     return None
 
 
-def _run_asyncio(kwargs: dict[str, Any]) -> pgproto.Error | None:
-    return asyncio.run(_connect_async(pg_asyncio, kwargs))
-
-
-def _run_trio(kwargs: dict[str, Any]) -> pgproto.Error | None:
-    return trio.run(_connect_async, pg_trio, kwargs)
-
-
-def _run_anyio_asyncio(kwargs: dict[str, Any]) -> pgproto.Error | None:
-    return anyio.run(_connect_async, pg_anyio, kwargs, backend="asyncio")
-
-
-def _run_anyio_trio(kwargs: dict[str, Any]) -> pgproto.Error | None:
-    return anyio.run(_connect_async, pg_anyio, kwargs, backend="trio")
-
-
-RUNNERS: Final[dict[str, Callable[[dict[str, Any]], pgproto.Error | None]]] = {
-    "blocking": _run_blocking,
-    "asyncio": _run_asyncio,
-    "trio": _run_trio,
-    "anyio-asyncio": _run_anyio_asyncio,
-    "anyio-trio": _run_anyio_trio,
-}
+def run_flavour(flavour: str, kwargs: dict[str, Any]) -> pgproto.Error | None:
+    """Connect and close with one flavour (async ones get an event loop of their own)."""
+    if flavour == "blocking":
+        return _run_blocking(kwargs)
+    if flavour == "asyncio":
+        return asyncio.run(_connect_async(pg_asyncio, kwargs))
+    if flavour == "trio":
+        return trio.run(_connect_async, pg_trio, kwargs)
+    backend = flavour.removeprefix("anyio-")
+    return anyio.run(_connect_async, pg_anyio, kwargs, backend=backend)
 
 
 def _options(port: int, options: Mapping[str, str], m: Material) -> dict[str, Any]:
@@ -983,7 +912,7 @@ def attack_once(
             tracemalloc.start()
         start = time.monotonic()
         try:
-            error = RUNNERS[flavour](kwargs)
+            error = run_flavour(flavour, kwargs)
             elapsed = time.monotonic() - start
             peak = tracemalloc.get_traced_memory()[1] if memory else 0
         finally:
@@ -1135,16 +1064,15 @@ def test_attack(server: HostileServer, material: Material, attack: Attack, flavo
         server, material, attack.script, attack.options, flavour, memory=attack.memory
     )
     assert outcome.elapsed < BOUND, f"took {outcome.elapsed:.1f} s"
-    assert len(outcome.records) == 1
-    for record in outcome.records:
-        assert record.script_error is None, repr(record.script_error)
-        assert record.client_closed, "the client did not hang up"
+    (record,) = outcome.records
+    assert record.script_error is None, repr(record.script_error)
+    assert record.client_closed, "the client did not hang up"
     check_secrets(outcome.records, attack.may_send)
     if attack.memory:
         assert outcome.peak < 8 * 1024 * 1024, f"peak {outcome.peak} bytes"
     if attack.error is None:
         assert outcome.error is None, str(outcome.error)
-        assert outcome.records[0].tls
+        assert record.tls
         return
     check_refused(attack, outcome)
 

@@ -99,7 +99,7 @@ def test_bench_opcodes_counts_every_client(
     assert bench.main(["-n", "2", "--top", "40"]) == 0
     out = capsys.readouterr().out
     blocks = [b for b in out.split("\n\n")[1:] if b.strip()]
-    assert [b.split()[0] + " " + b.split()[1] for b in blocks] == [
+    assert [" ".join(b.split()[:2]) for b in blocks] == [
         "psycopg sync",
         "psycopg async",
         "pgproto blocking",

@@ -37,6 +37,7 @@ from fake_server import (
     cancel_request,
     client_messages,
     connect_error,
+    drain,
     error_response,
     make_machine,
     make_params,
@@ -99,15 +100,6 @@ TLS_STATUSES = [_S.STARTED, _S.MADE, _S.SSL_STARTUP, _S.MADE, _S.AWAITING_RESPON
 def test_expected_bytes_are_self_consistent() -> None:
     assert cancel_request(PID, KEY) == CANCEL_BYTES
     assert len(CANCEL_BYTES) == 16
-
-
-def drain(m: ConnectionStateMachine) -> list[Event]:
-    """The events queued up to NEED_DATA."""
-    events: list[Event] = []
-    while (event := m.next_event()) is not NEED_DATA:
-        assert isinstance(event, Event)
-        events.append(event)
-    return events
 
 
 @pytest.fixture

@@ -69,7 +69,6 @@ import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final
 
 import anyio
@@ -77,7 +76,7 @@ import pg_admin
 import pytest
 import trio
 from capture import TLS_HANDSHAKE
-from failover_helpers import LibpqWorkers, Outcome
+from failover_helpers import LibpqWorkers, Outcome, run_parallel
 from fake_server import ENV
 from fault_proxy import FAULT_KINDS, Fault, FaultProxy, Point, flight_shape, handshake_points
 from fdcheck import assert_no_fd_leak
@@ -403,10 +402,9 @@ def run_case(
             params = _params(server, transport, tls)
             params.update(host="127.0.0.1,127.0.0.1", port=f"{proxy.port},{server.port}")
             dsn = make_conninfo("", **params)
-            with ThreadPoolExecutor(max_workers=len(FLAVOURS) + 1) as pool:
-                jobs = [pool.submit(run_libpq, libpq, dsn)]
-                jobs += [pool.submit(run_flavour, flavour, dsn) for flavour in FLAVOURS]
-                results = [job.result() for job in jobs]
+            jobs = [functools.partial(run_libpq, libpq, dsn)]
+            jobs += [functools.partial(run_flavour, flavour, dsn) for flavour in FLAVOURS]
+            results = run_parallel(jobs, workers=len(jobs))
             # every client closed its connection through the proxy (PQping adds one)
             assert proxy.wait_closed(len(results)), "a connection through the proxy stayed open"
             sessions = proxy.sessions()

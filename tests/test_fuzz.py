@@ -85,6 +85,7 @@ from fake_server import (
     row_description,
     sasl,
     startup_done,
+    statuses,
 )
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -101,7 +102,6 @@ from pgproto import (
     OpenConnection,
     PollingStatus,
     ResolveHost,
-    StatusChanged,
 )
 from pgproto import _wire as wire
 from pgproto._options import OPTIONS
@@ -514,7 +514,7 @@ def check_run(run: Run) -> None:
     m = run.machine
     # Events not yet taken (the state "made" is left before its pump) count too.
     queued = list(m._events)
-    changes = [e.status for e in [*run.events, *queued] if isinstance(e, StatusChanged)]
+    changes = statuses([*run.events, *queued])
     if changes:
         assert m.status is changes[-1], (m.status, changes[-1])
     if run.error is not None:

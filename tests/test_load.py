@@ -272,10 +272,10 @@ def _servers(tls_material: TLSMaterial) -> Iterator[LoadBed]:
 
 def _warm_up(load: LoadBed) -> None:
     for target in TARGETS:
-        run_blocking_sequential(load, target, 2)
-        asyncio.run(asyncio_sequential(load, target, 2))
-        trio.run(trio_concurrent, load, target, 2, None)
-        asyncio.run(asyncio_concurrent(load, target, 2, None))
+        for sequential in SEQUENTIAL_RUNS.values():
+            sequential(load, target, 2)
+        for concurrent in CONCURRENT_RUNS.values():
+            concurrent(load, target, 2, None)
     wait_no_backends(load.admin)
 
 
@@ -362,6 +362,22 @@ async def trio_concurrent(load: LoadBed, target: str, count: int, at_peak: PeakC
                 nursery.start_soon(_hold, trio_adapter.connect, load, target, barrier)
 
 
+#: The sequential runs per adapter: (load, target, count).
+SEQUENTIAL_RUNS: Final[dict[str, Callable[[LoadBed, str, int], None]]] = {
+    "blocking": run_blocking_sequential,
+    "asyncio": lambda load, target, count: asyncio.run(asyncio_sequential(load, target, count)),
+}
+#: The concurrent runs per adapter: (load, target, count, at_peak).
+CONCURRENT_RUNS: Final[dict[str, Callable[[LoadBed, str, int, PeakCheck], None]]] = {
+    "asyncio": lambda load, target, count, at_peak: asyncio.run(
+        asyncio_concurrent(load, target, count, at_peak)
+    ),
+    "trio": lambda load, target, count, at_peak: trio.run(
+        trio_concurrent, load, target, count, at_peak
+    ),
+}
+
+
 def _peak_check(load: LoadBed, count: int) -> Callable[[], None]:
     """At the peak, the server has a session of the role per client (also
     through PgBouncer, whose pool is big enough for all of them)."""
@@ -389,47 +405,27 @@ def measured_run(load: LoadBed, what: str, target: str, run: Callable[[], object
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_sequential_blocking(bed: LoadBed, target: str) -> None:
+@pytest.mark.parametrize("adapter", SEQUENTIAL_RUNS)
+def test_sequential(bed: LoadBed, adapter: str, target: str) -> None:
     measured_run(
         bed,
-        f"blocking {SEQUENTIAL} sequential",
+        f"{adapter} {SEQUENTIAL} sequential",
         target,
-        lambda: run_blocking_sequential(bed, target, SEQUENTIAL),
+        lambda: SEQUENTIAL_RUNS[adapter](bed, target, SEQUENTIAL),
     )
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_sequential_asyncio(bed: LoadBed, target: str) -> None:
-    measured_run(
-        bed,
-        f"asyncio {SEQUENTIAL} sequential",
-        target,
-        lambda: asyncio.run(asyncio_sequential(bed, target, SEQUENTIAL)),
-    )
-
-
-@pytest.mark.parametrize("target", TARGETS)
-def test_concurrent_asyncio(bed: LoadBed, target: str) -> None:
+@pytest.mark.parametrize("adapter", CONCURRENT_RUNS)
+def test_concurrent(bed: LoadBed, adapter: str, target: str) -> None:
     at_peak = _peak_check(bed, CONCURRENT)
     peak = measured_run(
         bed,
-        f"asyncio {CONCURRENT} concurrent",
+        f"{adapter} {CONCURRENT} concurrent",
         target,
-        lambda: asyncio.run(asyncio_concurrent(bed, target, CONCURRENT, at_peak)),
+        lambda: CONCURRENT_RUNS[adapter](bed, target, CONCURRENT, at_peak),
     )
     assert peak > 4 * MEMORY_TOLERANCE  # the tolerance is small next to the run
-
-
-@pytest.mark.parametrize("target", TARGETS)
-def test_concurrent_trio(bed: LoadBed, target: str) -> None:
-    at_peak = _peak_check(bed, CONCURRENT)
-    peak = measured_run(
-        bed,
-        f"trio {CONCURRENT} concurrent",
-        target,
-        lambda: trio.run(trio_concurrent, bed, target, CONCURRENT, at_peak),
-    )
-    assert peak > 4 * MEMORY_TOLERANCE
 
 
 # --------------------------------------------------------------------------

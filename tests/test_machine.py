@@ -33,6 +33,7 @@ from fake_server import (
     command_complete,
     connect_error,
     data_row,
+    drain,
     error_response,
     fixed_nonce,
     make_machine,
@@ -1279,12 +1280,12 @@ def test_timer_during_resolve_moves_to_the_next_host() -> None:
     m.timer_expired()  # the lookup of db2 takes too long: db2 fails, nothing is opened
     events: list[Event] = []
 
-    def drain() -> None:
+    def collect() -> None:
         while (event := m.next_event()) is not NEED_DATA:
             events.append(event)
 
     with pytest.raises(ConnectError) as exc:
-        drain()
+        collect()
     assert not any(isinstance(e, OpenConnection) for e in events)
     last = exc.value.attempts[-1]
     assert (last.host, last.address, str(last.error)) == ("db2.example", None, "timeout expired")
@@ -1511,7 +1512,7 @@ def test_the_password_never_shows() -> None:
 def test_the_password_is_only_ever_sent() -> None:
     h = Harness(make_machine())
     h.play([auth(3), AUTH_OK + startup_done()])
-    sent = b"".join(data for name, data in h.log if name == "send")
+    sent = h.sent()
     assert SECRET.encode() in sent
     for text in visible(h):
         assert SECRET not in text
@@ -1785,28 +1786,21 @@ def test_commands_and_startup_packet_are_kept_per_params_within_a_bound() -> Non
         m = ConnectionStateMachine(params)
         assert isinstance(m.next_event(), ResolveHost)
         m.addresses_resolved([address])
-        commands = [e for e in drain_events(m) if isinstance(e, OpenConnection)]
+        commands = [e for e in drain(m) if isinstance(e, OpenConnection)]
         assert len(commands) == 1
         assert commands[0].address.address == address
         return m, commands[0]
 
     m1, first = opened("192.0.2.1")
     m1.connection_made()
-    drain_events(m1)
+    drain(m1)
     m2, second = opened("192.0.2.1")
     assert second is first
     m2.connection_made()
-    drain_events(m2)
+    drain(m2)
     packet = m1.data_to_send()
     assert b"user\x00alice\x00database\x00app\x00" in packet
     assert m2.data_to_send() == packet
     for i in range(2, 200):
         opened(f"192.0.2.{i}")
     assert len(params._memo) <= 64
-
-
-def drain_events(m: ConnectionStateMachine) -> list[Event]:
-    events: list[Event] = []
-    while (event := m.next_event()) is not NEED_DATA:
-        events.append(event)
-    return events
