@@ -119,12 +119,30 @@ from ._scram import (
     ScramClient,
     md5_response,
 )
-from ._states import Input, transition
+from ._states import TRANSITIONS, Input, transition
 from ._tls import TLSContextInfo, TLSEngine, TLSSettings, create_context
 
 __all__ = ["ConnectionStateMachine"]
 
-_S = ConnStatus
+# The statuses (and poll()'s answers) as module globals: on CPython 3.11 an
+# Enum member read as a class attribute is an unspecialized lookup (about
+# 70 ns), a global is not -- and every step compares the status.
+_S_NEEDED: Final = ConnStatus.NEEDED
+_S_STARTED: Final = ConnStatus.STARTED
+_S_MADE: Final = ConnStatus.MADE
+_S_SSL_STARTUP: Final = ConnStatus.SSL_STARTUP
+_S_AWAITING_RESPONSE: Final = ConnStatus.AWAITING_RESPONSE
+_S_AUTH_OK: Final = ConnStatus.AUTH_OK
+_S_CHECK_TARGET: Final = ConnStatus.CHECK_TARGET
+_S_CHECK_WRITABLE: Final = ConnStatus.CHECK_WRITABLE
+_S_CHECK_STANDBY: Final = ConnStatus.CHECK_STANDBY
+_S_CONSUME: Final = ConnStatus.CONSUME
+_S_OK: Final = ConnStatus.OK
+_S_BAD: Final = ConnStatus.BAD
+_P_FAILED: Final = PollingStatus.FAILED
+_P_WRITING: Final = PollingStatus.WRITING
+_P_READING: Final = PollingStatus.READING
+_P_OK: Final = PollingStatus.OK
 
 PLAINTEXT: Final = "plaintext"
 SSL: Final = "ssl"
@@ -218,18 +236,18 @@ _RESULT_TYPES: Final = frozenset(b"CTDIGHWdcnst123")
 
 #: The step names used in attempt records, by status.
 _STEP_NAMES: Final = {
-    _S.NEEDED: RESOLVING_STEP,
-    _S.STARTED: "opening the connection",
-    _S.MADE: "sending the startup packet",
-    _S.SSL_STARTUP: "SSL negotiation",
-    _S.AWAITING_RESPONSE: "authentication",
-    _S.AUTH_OK: "waiting for the server to be ready",
-    _S.CHECK_TARGET: "checking target_session_attrs",
-    _S.CHECK_WRITABLE: "checking target_session_attrs",
-    _S.CHECK_STANDBY: "checking target_session_attrs",
-    _S.CONSUME: "checking target_session_attrs",
-    _S.OK: "connected",
-    _S.BAD: "failed",
+    _S_NEEDED: RESOLVING_STEP,
+    _S_STARTED: "opening the connection",
+    _S_MADE: "sending the startup packet",
+    _S_SSL_STARTUP: "SSL negotiation",
+    _S_AWAITING_RESPONSE: "authentication",
+    _S_AUTH_OK: "waiting for the server to be ready",
+    _S_CHECK_TARGET: "checking target_session_attrs",
+    _S_CHECK_WRITABLE: "checking target_session_attrs",
+    _S_CHECK_STANDBY: "checking target_session_attrs",
+    _S_CONSUME: "checking target_session_attrs",
+    _S_OK: "connected",
+    _S_BAD: "failed",
 }
 
 
@@ -238,7 +256,7 @@ _MEMO_LIMIT: Final = 64
 
 #: A new machine's state, but for its containers (see __init__).
 _INITIAL_STATE: Final[dict[str, object]] = {
-    "_status": _S.NEEDED,
+    "_status": _S_NEEDED,
     "_error": None,
     "_awaiting": None,
     "_host_index": -1,
@@ -488,13 +506,13 @@ class ConnectionStateMachine:
     def poll(self) -> PollingStatus:
         """What the driver must do next (call after ``next_event()`` returned
         ``NEED_DATA``)."""
-        if self._status is _S.BAD:
-            return PollingStatus.FAILED
+        if self._status is _S_BAD:
+            return _P_FAILED
         if self._out or self._awaiting is not None:
-            return PollingStatus.WRITING
-        if self._status is _S.OK and not self._query_active:
-            return PollingStatus.OK
-        return PollingStatus.READING
+            return _P_WRITING
+        if self._status is _S_OK and not self._query_active:
+            return _P_OK
+        return _P_READING
 
     def data_to_send(self) -> bytes:
         """Every byte waiting to go to the server (already encrypted when TLS is on)."""
@@ -504,7 +522,7 @@ class ConnectionStateMachine:
 
     def receive_data(self, data: bytes) -> None:
         """Bytes from the server; ``b""`` means the server closed the connection."""
-        if self._status is _S.BAD:
+        if self._status is _S_BAD:
             return
         if not self._transport_open:
             raise self._misuse("receive_data() called with no open connection")
@@ -526,7 +544,7 @@ class ConnectionStateMachine:
                 return self._events.popleft()
             if self._error is not None:
                 raise self._error
-            if self._awaiting is not None or self._status is _S.BAD:
+            if self._awaiting is not None or self._status is _S_BAD:
                 return NEED_DATA
             try:
                 progressed = self._step()
@@ -599,7 +617,7 @@ class ConnectionStateMachine:
     def deadline_expired(self) -> None:
         """The caller's overall deadline passed: fail the current attempt
         with "timeout expired" and give up (no further hosts are tried)."""
-        if self._status in (_S.OK, _S.BAD):
+        if self._status in (_S_OK, _S_BAD):
             return
         self._awaiting = None
         self._attempt_failed(TransportError("timeout expired (overall deadline)"), _HARD)
@@ -622,7 +640,7 @@ class ConnectionStateMachine:
 
     def timer_expired(self) -> None:
         """The per-address deadline of the last :class:`StartTimer` passed."""
-        if self._status in (_S.OK, _S.BAD):
+        if self._status in (_S_OK, _S_BAD):
             return
         resolving = self._awaiting == "resolve"
         self._awaiting = None
@@ -634,7 +652,7 @@ class ConnectionStateMachine:
 
     def send_query(self, sql: str) -> None:
         """Queue a simple query (only on an idle CONNECTION_OK connection)."""
-        if self._status is not _S.OK or self._query_active:
+        if self._status is not _S_OK or self._query_active:
             # Refused, and nothing else changes (PQsendQuery's rule): the
             # connection attempt or the running query carries on.
             raise LocalProtocolError(
@@ -647,7 +665,7 @@ class ConnectionStateMachine:
     def close(self) -> None:
         """Close the connection: Terminate if it is healthy, then a
         :class:`CloseConnection` command.  Idempotent."""
-        if self._status is _S.OK:
+        if self._status is _S_OK:
             self._write(_wire.terminate())
             if self._tls is not None:
                 self._tls.close()
@@ -657,7 +675,7 @@ class ConnectionStateMachine:
             # Abandoning a connection that is not established: what is queued
             # (perhaps a password) is dropped, as PQfinish drops it.
             self._out.clear()
-            if self._status is not _S.BAD:
+            if self._status is not _S_BAD:
                 self._set(Input.FAILED)
         if self._transport_open:
             self._events.append(CloseConnection(data=self.data_to_send()))
@@ -673,7 +691,7 @@ class ConnectionStateMachine:
         return error
 
     def _poison(self, error: Error) -> None:
-        if self._status is not _S.BAD:
+        if self._status is not _S_BAD:
             self._set(Input.FAILED)
         if self._error is None:
             self._error = error
@@ -687,7 +705,11 @@ class ConnectionStateMachine:
         self._awaiting = None
 
     def _set(self, event: Input) -> None:
-        self._status = transition(self._status, event)
+        try:  # (the table's lookup, without a call per status change)
+            self._status = TRANSITIONS[self._status, event]
+        except KeyError:
+            transition(self._status, event)  # raises: a pair missing from the table is a bug
+            raise
         if self._reports:
             self._events.append(StatusChanged(status=self._status))
 
@@ -722,7 +744,7 @@ class ConnectionStateMachine:
             port=(host.port if host is not None else None),
             step=self._step_names.get(self._status, self._status.name),
             encryption=(
-                "none" if self._status is _S.NEEDED else SSL if self._method == SSL else PLAINTEXT
+                "none" if self._status is _S_NEEDED else SSL if self._method == SSL else PLAINTEXT
             ),
             error=error,
             auth_requested=self._auth_req_received,
@@ -730,7 +752,7 @@ class ConnectionStateMachine:
 
     def _attempt_failed(self, error: BaseException, outcome: str) -> None:
         """Record a failed attempt and move on as *outcome* says."""
-        if self._status is _S.OK:
+        if self._status is _S_OK:
             # A broken established connection: no more attempts.
             self._close_transport()
             self._poison(error if isinstance(error, Error) else TransportError(str(error)))
@@ -923,35 +945,49 @@ class ConnectionStateMachine:
         may do more now; False when the machine waits for input, or for
         what it just queued to be sent (nothing can answer it before)."""
         status = self._status
-        if status is _S.AUTH_OK:
+        if status is _S_AWAITING_RESPONSE:
+            return self._awaiting_step()
+        if status is _S_AUTH_OK:
             return self._startup_burst()
-        if status is _S.NEEDED:
+        if status is _S_NEEDED:
             self._next_host()
             return True
-        if status is _S.MADE:
+        if status is _S_MADE:
             return self._made()
-        if status is _S.SSL_STARTUP:
+        if status is _S_SSL_STARTUP:
             return self._ssl_startup()
-        if status is _S.CHECK_TARGET:
+        if status is _S_CHECK_TARGET:
             self._check_target()
             return True
         message = self._next_message()
         if message is None:
-            if self._eof:  # whatever is buffered can never be completed
-                raise _Failure(TransportError(_EOF_MESSAGE), _HARD)
             return False
-        if status is _S.AWAITING_RESPONSE:
-            self._awaiting_response(message)
-            if self._status is _S.AUTH_OK:
-                # The startup burst usually arrives with AuthenticationOk.
-                return self._startup_burst()
-        elif status in (_S.CHECK_WRITABLE, _S.CHECK_STANDBY, _S.CONSUME):
-            self._check_message(message)
-        elif status is _S.OK:
+        if status is _S_OK:
             self._ready_message(message)
+        elif status in (_S_CHECK_WRITABLE, _S_CHECK_STANDBY, _S_CONSUME):
+            self._check_message(message)
         else:  # pragma: no cover - STARTED waits for connection_made()
             raise LocalProtocolError(f"internal error: no work defined for {status.name}")
         return True
+
+    def _awaiting_step(self) -> bool:
+        """AWAITING_RESPONSE: the server's authentication requests, and the
+        startup burst that usually arrives with AuthenticationOk."""
+        if self._tls is not None:
+            self._pull_tls()
+        if self._in.take_exact(_wire.AUTHENTICATION_OK):
+            # The usual first reply, known byte for byte: handled as
+            # framing and parsing it would have it handled.
+            self._auth_req_received = True
+            self._authenticate(_AUTH_OK, b"")
+        else:
+            message = self._next_message()
+            if message is None:
+                return False
+            self._awaiting_response(message)
+            if self._status is not _S_AUTH_OK:
+                return True
+        return self._startup_burst()
 
     def _startup_burst(self) -> bool:
         """AUTH_OK: what the server sends after AuthenticationOk, all at once
@@ -967,22 +1003,32 @@ class ConnectionStateMachine:
                 self._server_params.update(pairs)
                 if self._reports:
                     self._events.extend(ParameterStatus(name=n, value=v) for n, v in pairs)
+            ending = buffer.take_key_data_and_ready()
+            if ending is not None:  # the usual end of the burst, taken whole
+                self._key_data(ending[0], ending[1])
+                self._startup_ready(ending[2])
+                break
             message = buffer.next_message()
             if message is None:
                 if self._eof:  # whatever is buffered can never be completed
                     raise _Failure(TransportError(_EOF_MESSAGE), _HARD)
                 return progressed
             self._auth_ok_message(message)
-            if self._status is not _S.AUTH_OK:
+            if self._status is not _S_AUTH_OK:
                 break
-        if self._status is _S.CHECK_TARGET:
+        if self._status is _S_CHECK_TARGET:
             self._check_target()
         return bool(self._in) or self._eof  # anything after ReadyForQuery
 
     def _next_message(self) -> _wire.Message | None:
+        """The next message; None until more input arrives (at the end of
+        the stream, a failure: what is buffered can never be completed)."""
         if self._tls is not None:
             self._pull_tls()
-        return self._in.next_message()
+        message = self._in.next_message()
+        if message is None and self._eof:
+            raise _Failure(TransportError(_EOF_MESSAGE), _HARD)
+        return message
 
     def _pull_tls(self) -> None:
         """Move what TLS can decrypt now into the receive buffer; a
@@ -1406,15 +1452,9 @@ class ConnectionStateMachine:
     def _auth_ok_message(self, message: _wire.Message) -> None:
         kind = message.type
         if kind == b"K":
-            pid, key = _wire.parse_backend_key_data(message.body, self._pversion)
-            self._backend_pid, self._backend_key = pid, key
-            if self._reports:
-                self._events.append(BackendKeyData(pid=pid, key=key))
+            self._key_data(*_wire.parse_backend_key_data(message.body, self._pversion))
         elif kind == b"Z":
-            self._txn_status = _wire.parse_ready_for_query(message.body)
-            if self._reports:
-                self._events.append(ReadyForQuery(status=self._txn_status))
-            self._set(Input.STARTUP_DONE)
+            self._startup_ready(_wire.parse_ready_for_query(message.body))
         elif kind == b"E":
             error = ServerError(_wire.parse_fields(message.body))
             if (
@@ -1435,6 +1475,19 @@ class ConnectionStateMachine:
                 "unexpected response from server; first received character was "
                 f'"{kind.decode("latin-1")}"'
             )
+
+    def _key_data(self, pid: int, key: bytes) -> None:
+        """BackendKeyData."""
+        self._backend_pid, self._backend_key = pid, key
+        if self._reports:
+            self._events.append(BackendKeyData(pid=pid, key=key))
+
+    def _startup_ready(self, status: str) -> None:
+        """ReadyForQuery: the startup is done."""
+        self._txn_status = status
+        if self._reports:
+            self._events.append(ReadyForQuery(status=status))
+        self._set(Input.STARTUP_DONE)
 
     # CHECK_TARGET: target_session_attrs (reference spec §8.3).
 
@@ -1542,7 +1595,7 @@ class ConnectionStateMachine:
         if kind == b"E":
             self._check_failed = True
             return
-        if kind == b"C" and status is not _S.CONSUME:
+        if kind == b"C" and status is not _S_CONSUME:
             rows = self._check_rows
             if self._check_failed or len(rows) != 1 or len(rows[0]) != 1:
                 self._check_failed = True
@@ -1550,7 +1603,7 @@ class ConnectionStateMachine:
             value = rows[0][0] or ""
             # libpq keeps check results in its own flags, not in the
             # server's parameters (PQparameterStatus never shows them).
-            if status is _S.CHECK_WRITABLE:
+            if status is _S_CHECK_WRITABLE:
                 flag = value.startswith("on")
                 self._checked["default_transaction_read_only"] = flag
                 self._checked["in_hot_standby"] = flag
@@ -1560,12 +1613,12 @@ class ConnectionStateMachine:
             return
         if kind == b"Z":
             self._txn_status = _wire.parse_ready_for_query(message.body)
-            if status is _S.CONSUME:
+            if status is _S_CONSUME:
                 self._set(Input.CHECK_DRAINED)
                 return
             what = (
                 '"SHOW transaction_read_only" failed'
-                if status is _S.CHECK_WRITABLE
+                if status is _S_CHECK_WRITABLE
                 else '"SELECT pg_is_in_recovery()" failed'
             )
             self._reject_server(what)

@@ -1,8 +1,9 @@
 """Every status change of the connection machine, in one table.
 
-Rule 1: only :func:`transition` changes a machine's status, and it consults
-:data:`TRANSITIONS`; a (status, input) pair missing from the table is a bug in
-pgproto, reported as :class:`~pgproto.LocalProtocolError`.
+Rule 1: a machine's status changes only by a lookup in :data:`TRANSITIONS`
+(the machine's ``_set``, or :func:`transition`); a (status, input) pair
+missing from the table is a bug in pgproto, reported by :func:`transition`
+as :class:`~pgproto.LocalProtocolError`.
 
 Rule 2: the inputs are what *happened* (a reply byte was read, a handshake
 finished), not what to do next.  Which input fires is decided by the machine

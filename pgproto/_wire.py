@@ -119,6 +119,10 @@ def terminate() -> bytes:
     return b"X\x00\x00\x00\x04"
 
 
+#: AuthenticationOk, byte for byte.
+AUTHENTICATION_OK: Final = b"R\x00\x00\x00\x08\x00\x00\x00\x00"
+
+
 # --------------------------------------------------------------------------
 # framing
 
@@ -158,6 +162,37 @@ class ReceiveBuffer:
 
     def set_limit(self, limit: Callable[[bytes], int]) -> None:
         self._limit = limit
+
+    def take_exact(self, expected: bytes) -> bool:
+        """Consume *expected* -- a whole message known byte for byte -- if
+        the buffer starts with it."""
+        data = self._data
+        pos = self._pos
+        if not data.startswith(expected, pos):
+            return False
+        end = pos + len(expected)
+        if end == len(data):
+            data.clear()
+            end = 0
+        self._pos = end
+        return True
+
+    def take_key_data_and_ready(self) -> tuple[int, bytes, str] | None:
+        """Consume a BackendKeyData with a 4-byte key followed by a
+        ReadyForQuery -- how a startup burst usually ends -- if the buffer
+        starts with them: (process id, key, transaction status).  Anything
+        else (a longer key, another message between them, a malformed one)
+        is left for :meth:`next_message`."""
+        match = _KEY_DATA_AND_READY.match(self._data, self._pos)
+        if match is None:
+            return None
+        pid, key, status = match.groups()  # (before the buffer is cleared)
+        end = match.end()
+        if end == len(self._data):
+            self._data.clear()
+            end = 0
+        self._pos = end
+        return _INT32.unpack(pid)[0], key, _TRANSACTION_STATUS[status]
 
     def take_byte(self) -> bytes | None:
         """The next single byte (the reply to SSLRequest/GSSENCRequest)."""
@@ -258,6 +293,11 @@ _PLUS_FIVE: Final = (5).__add__
 _PARAMETER_STATUS_RUN: Final = re.compile(rb"(?:S....[^\x00]*\x00[^\x00]*\x00)+", re.DOTALL)
 _PARAMETER_STATUS_WORDS: Final = re.compile(rb"S(....)[^\x00]*\x00[^\x00]*\x00", re.DOTALL)
 _PARAMETER_STATUS_BODIES: Final = re.compile(rb"S....([^\x00]*\x00[^\x00]*)\x00", re.DOTALL)
+#: BackendKeyData with a 4-byte key (length word 12), then ReadyForQuery
+#: (length word 5) with a valid status: the process id, key and status.
+_KEY_DATA_AND_READY: Final = re.compile(
+    rb"K\x00\x00\x00\x0c(.{4})(.{4})Z\x00\x00\x00\x05([ITE])", re.DOTALL
+)
 
 
 def _show(kind: bytes) -> str:
@@ -410,7 +450,7 @@ def parse_ready_for_query(body: bytes) -> str:
     return status
 
 
-_TRANSACTION_STATUS: Final = {b"I": "I", b"T": "T", b"E": "E"}
+_TRANSACTION_STATUS: Final = {b"I": "I", b"T": "T", b"E": "E"}  # (ReadyForQuery)
 
 
 def parse_fields(body: bytes) -> dict[str, str]:

@@ -6,7 +6,7 @@ import contextlib
 import struct
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import pgproto
@@ -279,3 +279,89 @@ def test_bulk_parameter_status_matches_one_message_at_a_time(
 ) -> None:
     data = b"".join(pieces)
     assert _take(data, limit) == _reference_take(data, limit)
+
+
+# --------------------------------------------------------------------------
+# whole messages known in advance: AuthenticationOk, and BackendKeyData
+# (4-byte key) + ReadyForQuery, the usual end of a startup burst
+
+KEY_DATA = b"K\x00\x00\x00\x0c\x00\x00\x30\x39\x01\x02\x03\x04"  # pid 12345
+READY = b"Z\x00\x00\x00\x05I"
+
+
+def _buffer(data: bytes) -> wire.ReceiveBuffer:
+    buffer = wire.ReceiveBuffer(lambda kind: wire.ORDINARY_MESSAGE_LIMIT)
+    buffer.feed(data)
+    return buffer
+
+
+def test_take_exact_consumes_only_the_whole_message() -> None:
+    ok = wire.AUTHENTICATION_OK
+    assert ok == b"R" + struct.pack("!Ii", 8, 0)
+    buffer = _buffer(ok + b"tail")
+    assert buffer.take_exact(ok)
+    assert buffer.take_all() == b"tail"
+    for partial in (b"", ok[:1], ok[:-1], b"R\x00\x00\x00\x0c" + ok[5:]):
+        buffer = _buffer(partial)
+        assert not buffer.take_exact(ok)
+        assert buffer.take_all() == partial  # untouched
+    buffer = _buffer(ok)
+    assert buffer.take_exact(ok)
+    assert len(buffer) == 0
+
+
+def test_key_data_and_ready_taken_together() -> None:
+    buffer = _buffer(KEY_DATA + READY + b"N...")
+    assert buffer.take_key_data_and_ready() == (12345, b"\x01\x02\x03\x04", "I")
+    assert buffer.take_all() == b"N..."
+    buffer = _buffer(
+        KEY_DATA.replace(b"\x00\x00\x30\x39", b"\xff\xff\xff\xfe") + b"Z\x00\x00\x00\x05T"
+    )
+    assert buffer.take_key_data_and_ready() == (-2, b"\x01\x02\x03\x04", "T")
+    assert len(buffer) == 0
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(KEY_DATA, id="no-ready"),
+        pytest.param(KEY_DATA + READY[:-1], id="ready-incomplete"),
+        pytest.param(KEY_DATA + b"Z\x00\x00\x00\x05X", id="bad-status"),
+        pytest.param(KEY_DATA + b"Z\x00\x00\x00\x06II", id="long-ready"),
+        pytest.param(
+            b"K\x00\x00\x00\x28" + b"\x00\x00\x30\x39" + bytes(32) + READY, id="32-byte-key"
+        ),
+        pytest.param(KEY_DATA + _parameter_status(b"a", b"b") + READY, id="message-between"),
+        pytest.param(READY + KEY_DATA, id="other-order"),
+    ],
+)
+def test_key_data_and_ready_leave_anything_else(data: bytes) -> None:
+    buffer = _buffer(data)
+    assert buffer.take_key_data_and_ready() is None
+    assert buffer.take_all() == data  # for next_message() to cut and judge
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=24), st.integers(min_value=0, max_value=24))
+@example(b"", 19)
+@example(b"S\x00", 19)
+@example(b"\x28" + bytes(8), 4)
+def test_key_data_and_ready_match_one_message_at_a_time(junk: bytes, cut: int) -> None:
+    """Whenever the pair is taken, next_message() would have found exactly
+    a valid BackendKeyData with a 4-byte key and a valid ReadyForQuery."""
+    data = (KEY_DATA + READY)[:cut] + junk
+    taken = _buffer(data).take_key_data_and_ready()
+    buffer = _buffer(data)
+    try:
+        first, second = buffer.next_message(), buffer.next_message()
+        if first is None or second is None or first.type != b"K" or second.type != b"Z":
+            expected = None
+        else:
+            expected = (
+                *wire.parse_backend_key_data(first.body, wire.PROTOCOL_3_0),
+                wire.parse_ready_for_query(second.body),
+            )
+    except pgproto.RemoteProtocolError:
+        expected = None
+    assert taken == expected
