@@ -124,7 +124,7 @@ from ._tls import TLSContextInfo, TLSEngine, TLSSettings, create_context
 
 __all__ = ["ConnectionStateMachine"]
 
-# The statuses (and poll()'s answers) as module globals: on CPython 3.11 an
+# The statuses (and poll()'s answers, and host types) as module globals: on CPython 3.11 an
 # Enum member read as a class attribute is an unspecialized lookup (about
 # 70 ns), a global is not -- and every step compares the status.
 _S_NEEDED: Final = ConnStatus.NEEDED
@@ -143,6 +143,8 @@ _P_FAILED: Final = PollingStatus.FAILED
 _P_WRITING: Final = PollingStatus.WRITING
 _P_READING: Final = PollingStatus.READING
 _P_OK: Final = PollingStatus.OK
+_NAME: Final = HostType.NAME
+_ADDRESS: Final = HostType.ADDRESS
 
 PLAINTEXT: Final = "plaintext"
 SSL: Final = "ssl"
@@ -267,7 +269,30 @@ _INITIAL_STATE: Final[dict[str, object]] = {
     "_method": PLAINTEXT,
     "_send_appname": True,
     "_transport_open": False,
+    "_addresses": (),
+    "_allowed": (),
 }
+
+#: The memo key of a ConnParams' settings (see _settings).
+_SETTINGS: Final = ("settings",)
+
+
+def _settings(params: ConnParams) -> dict[str, object]:
+    """What a machine reads from *params*' options, once per ConnParams
+    (kept in its memo): every machine made from it starts from these."""
+    # The option values, read without ConnParams.__getitem__'s keyword
+    # check (the keywords here are literals).
+    option = params._values.get
+    return {
+        "_option": option,
+        "_sslmode": option("sslmode") or "prefer",
+        "_direct": option("sslnegotiation") == "direct",
+        "_channel_binding": option("channel_binding") or "prefer",
+        "_target": option("target_session_attrs") or "any",
+        "_load_balance": option("load_balance_hosts") == "random",
+        "_hosts": params.hosts,  # (shuffled into a list of its own with load_balance)
+    }
+
 
 #: The per-server state every attempt starts with (see _reset_server_state;
 #: the receive buffer, the containers and the protocol version are set there).
@@ -360,6 +385,15 @@ class ConnectionStateMachine:
     _checked: dict[str, bool]
     _server_state_unused: bool  # reset, and no attempt has used it since
 
+    # Set from the ConnParams' settings (_settings) by __init__.
+    _option: Callable[[str], str | None]
+    _sslmode: str
+    _direct: bool
+    _channel_binding: str
+    _target: str
+    _load_balance: bool  # load_balance_hosts=random
+    _hosts: Sequence[HostParams]  # (in the order they are tried)
+
     # Set from _INITIAL_STATE by __init__.
     _status: ConnStatus
     _error: Error | None
@@ -373,6 +407,8 @@ class ConnectionStateMachine:
     _method: str
     _send_appname: bool
     _transport_open: bool
+    _addresses: Sequence[Address]  # the current host's
+    _allowed: Sequence[str]  # encryption methods for the current address (spec §6.1)
 
     #: What each status is doing, for :class:`~pgproto.Attempt` records.
     _step_names: dict[ConnStatus, str] = _STEP_NAMES
@@ -394,30 +430,22 @@ class ConnectionStateMachine:
         self._key_passphrase_hook = key_passphrase_hook
         self._scram_cache = scram_cache
         self._max_scram_iterations = max_scram_iterations
-        # The option values, read without ConnParams.__getitem__'s keyword
-        # check (the keywords here are literals): this is every connection's path.
-        option = self._option = params._values.get
-        self._sslmode = option("sslmode") or "prefer"
-        self._direct = option("sslnegotiation") == "direct"
-        self._channel_binding = option("channel_binding") or "prefer"
-        self._target = option("target_session_attrs") or "any"
-
-        hosts = list(params.hosts)
+        self.__dict__.update(_INITIAL_STATE)  # the immutable state, in one go
+        settings = params._memo.get(_SETTINGS)
+        if settings is None:
+            settings = params._memo[_SETTINGS] = _settings(params)
+        self.__dict__.update(settings)  # what the options say, read once per ConnParams
         self._rng = rng
-        if option("load_balance_hosts") == "random":
-            if self._rng is None:
+        if self._load_balance:
+            if rng is None:
                 self._rng = Random(os.urandom(16))
+            hosts = list(params.hosts)
             _shuffle(hosts, self._rng)  # type: ignore[arg-type]
-        self._hosts: list[HostParams] = hosts
-
+            self._hosts = hosts
         self._events: collections.deque[Event] = collections.deque()
         self._out = bytearray()
         self._attempts: list[Attempt] = []
-        self._addresses: list[Address] = []
-        # Encryption methods for the current address (reference spec §6.1).
-        self._allowed: list[str] = []
         self._failed: set[str] = set()
-        self.__dict__.update(_INITIAL_STATE)  # the rest, in one go
         self._reset_server_state()
 
     # ----------------------------------------------------------------------
@@ -631,7 +659,7 @@ class ConnectionStateMachine:
         self._attempts = []
         self._host_index = -1
         self._host = None
-        self._addresses = []
+        self._addresses = ()
         self._addr_index = 0
         self._address = None
         self._second_pass = False
@@ -808,7 +836,7 @@ class ConnectionStateMachine:
             if host.error:
                 self._record_host_error(TransportError(host.error))
                 continue
-            if host.type is HostType.NAME:
+            if host.type is _NAME:
                 assert host.host is not None
                 if self.params.connect_timeout is not None:
                     # The name lookup gets the per-address budget too.
@@ -816,7 +844,7 @@ class ConnectionStateMachine:
                 self._awaiting = "resolve"
                 self._events.append(ResolveHost(host=host.host, port=host.port))
                 return
-            if host.type is HostType.ADDRESS:
+            if host.type is _ADDRESS:
                 assert host.hostaddr is not None
                 try:
                     ipaddress.ip_address(host.hostaddr)
@@ -831,7 +859,8 @@ class ConnectionStateMachine:
                 self._start_addresses([Address(kind="tcp", address=host.hostaddr, port=host.port)])
                 return
             memo = self.params._memo
-            address = memo.get(("unix", self._host_index))
+            key = ("unix", host.host, host.port)
+            address = memo.get(key)
             if address is None:
                 assert host.host is not None
                 path = f"{host.host}/.s.PGSQL.{host.port}"
@@ -843,7 +872,7 @@ class ConnectionStateMachine:
                     )
                     continue
                 address = Address(kind="unix", address=path, port=host.port)
-                memo["unix", self._host_index] = address  # (one per host: bounded)
+                memo[key] = address  # (one per host: bounded)
             self._start_addresses([address])
             return
 
@@ -866,7 +895,8 @@ class ConnectionStateMachine:
             self._events.append(AttemptFailed(attempt=attempt, next=following))
 
     def _start_addresses(self, addresses: list[Address]) -> None:
-        if self._rng is not None and self._option("load_balance_hosts") == "random":
+        if self._load_balance:
+            assert self._rng is not None
             _shuffle(addresses, self._rng)  # type: ignore[arg-type]
         self._addresses = addresses
         self._addr_index = 0
@@ -917,13 +947,14 @@ class ConnectionStateMachine:
         # The command depends on the parameters, the host and the address
         # alone (and is immutable): made once per ConnParams.
         memo = self.params._memo
-        key = ("open", self._host_index, address.kind, address.address, address.port)
+        host = self._host.host if self._host else None
+        key = ("open", host, address.kind, address.address, address.port)
         command = memo.get(key)
         if command is None:
             params = self.params
             command = OpenConnection(
                 address=address,
-                host=self._host.host if self._host else None,
+                host=host,
                 keepalives=params.keepalives,
                 peer_credentials=address.kind == "unix" and bool(self._option("requirepeer")),
                 keepalives_idle=params.keepalives_idle,

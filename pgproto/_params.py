@@ -320,8 +320,12 @@ def resolve_params(
 
     key = (conninfo, expand_dbname, tuple(kwargs.items()), env.key())
     hit = _RESOLVED.get(key)
-    if hit is not None and all(file_signature(path) == sig for path, sig in hit[1]):
-        return hit[0]
+    if hit is not None:
+        for path, signature in hit[1]:
+            if file_signature(path) != signature:
+                break
+        else:  # every file it read is as it was
+            return hit[0]
     files: list[tuple[str, FileSignature]] = []
     for keyword, text, source in entries:
         if source.kind is SourceKind.KEYWORD:  # (a cache hit has passed this)

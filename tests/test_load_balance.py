@@ -94,3 +94,33 @@ def test_one_source_across_connections(seed: int) -> None:
     rng = Random(seed)
     plans = {tuple(_plan("random", rng)) for _ in range(30)}
     assert len(plans) > 1
+
+
+def test_every_command_names_the_host_being_tried() -> None:
+    """What a machine remembers per ConnParams (across connections) must
+    not depend on the shuffled order: Unix-socket hosts with ports of their
+    own, and two names for one address."""
+    params = pgproto.resolve_params(
+        host="/tmp/a,/tmp/b,same.example,alias.example",
+        port="5001,5002,5003,5004",
+        user="u",
+        sslmode="disable",
+        load_balance_hosts="random",
+        env=ENV,
+    )
+    addresses = {"same.example": ["192.0.2.9"], "alias.example": ["192.0.2.9"]}
+    refuse = {"/tmp/a/.s.PGSQL.5001", "/tmp/b/.s.PGSQL.5002", "192.0.2.9"}
+    orders = set()
+    for seed in range(40):
+        machine = ConnectionStateMachine(params, rng=Random(seed))
+        harness = Harness(machine, refuse=refuse, addresses=addresses)
+        attempts = connect_error(harness).attempts
+        commands = harness.of_type(OpenConnection)
+        assert len(commands) == len(attempts) == 4
+        for command, attempt in zip(commands, attempts, strict=True):
+            assert (command.host, command.address.address) == (attempt.host, attempt.address)
+            assert command.address.port == attempt.port
+            if command.address.kind == "unix":
+                assert attempt.address == f"{attempt.host}/.s.PGSQL.{attempt.port}"
+        orders.add(tuple(a.host for a in attempts))
+    assert len(orders) > 1  # the order did vary

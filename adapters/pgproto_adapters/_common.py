@@ -113,11 +113,18 @@ def sockaddr(address: Address) -> str | bytes | tuple[str, int]:
     return (address.address, address.port)
 
 
+_SOCK_NONBLOCK: Final = getattr(socket, "SOCK_NONBLOCK", 0)
+_NONBLOCKING_STREAM: Final = socket.SOCK_STREAM | _SOCK_NONBLOCK
+
+
 def open_socket(command: OpenConnection) -> socket.socket:
     """A non-blocking, close-on-exec socket for *command*, with libpq's TCP options."""
-    sock = socket.socket(_family(command.address), socket.SOCK_STREAM)
+    # Non-blocking from the start where the platform can say so in socket()
+    # (one system call less than setblocking() after it).
+    sock = socket.socket(_family(command.address), _NONBLOCKING_STREAM)
     try:
-        sock.setblocking(False)
+        if not _SOCK_NONBLOCK:  # pragma: no cover - not Linux
+            sock.setblocking(False)
         if command.address.kind == "tcp":
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if command.keepalives:
