@@ -1006,14 +1006,17 @@ class ConnectionStateMachine:
         startup burst that usually arrives with AuthenticationOk."""
         if self._tls is not None:
             self._pull_tls()
-        if self._in.take_exact(_wire.AUTHENTICATION_OK):
+        buffer = self._in
+        if buffer.take_exact(_wire.AUTHENTICATION_OK):
             # The usual first reply, known byte for byte: handled as
             # framing and parsing it would have it handled.
             self._auth_req_received = True
             self._authenticate(_AUTH_OK, b"")
         else:
-            message = self._next_message()
+            message = buffer.next_message()
             if message is None:
+                if self._eof:  # whatever is buffered can never be completed
+                    raise _Failure(TransportError(_EOF_MESSAGE), _HARD)
                 return False
             self._awaiting_response(message)
             if self._status is not _S_AUTH_OK:

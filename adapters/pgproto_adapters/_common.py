@@ -741,12 +741,6 @@ class Deadlines:
         self.timer: float | None = None
         self.deadline: float | None = None
 
-    @staticmethod
-    def needed(machine: ConnectionStateMachine, overall: float | None) -> bool:
-        """Can a deadline apply to *machine*'s connection attempt?  (The
-        machine starts timers only with a ``connect_timeout``.)"""
-        return overall is not None or machine.params.connect_timeout is not None
-
     def set_overall(self, when: float | None) -> None:
         self.overall = when
         self._update()
@@ -970,7 +964,8 @@ async def establish(
     deadlines (none at all when neither ``connect_timeout`` nor an overall
     deadline is set); then clear them.  When a deadline passes, the machine
     is told which one (and moves on, or gives up) and pumping resumes."""
-    if not Deadlines.needed(machine, io.overall):
+    if io.overall is None and machine.params.connect_timeout is None:
+        # No deadline can apply (the machine starts timers only with a connect_timeout).
         await async_pump(machine, io, trace)
         return
     while not await io.pump_before_deadline(machine, trace):
@@ -1013,7 +1008,7 @@ class AsyncEntryPoints(Generic[AsyncConnectionT]):
         other host is tried.  *notice_handler* gets every NoticeResponse
         (default: the ``pgproto.notice`` logger).
         """
-        seconds = overall_timeout(timeout)
+        seconds = None if timeout is None else overall_timeout(timeout)
         io = self._connection.transport()
         await io.enter()
         start = io.now() if seconds is not None else 0.0  # (resolution counts too)
