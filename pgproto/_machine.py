@@ -1015,8 +1015,7 @@ class ConnectionStateMachine:
         else:
             message = buffer.next_message()
             if message is None:
-                if self._eof:  # whatever is buffered can never be completed
-                    raise _Failure(TransportError(_EOF_MESSAGE), _HARD)
+                self._check_end_of_stream()
                 return False
             self._awaiting_response(message)
             if self._status is not _S_AUTH_OK:
@@ -1044,8 +1043,7 @@ class ConnectionStateMachine:
                 break
             message = buffer.next_message()
             if message is None:
-                if self._eof:  # whatever is buffered can never be completed
-                    raise _Failure(TransportError(_EOF_MESSAGE), _HARD)
+                self._check_end_of_stream()
                 return progressed
             self._auth_ok_message(message)
             if self._status is not _S_AUTH_OK:
@@ -1060,9 +1058,15 @@ class ConnectionStateMachine:
         if self._tls is not None:
             self._pull_tls()
         message = self._in.next_message()
-        if message is None and self._eof:
-            raise _Failure(TransportError(_EOF_MESSAGE), _HARD)
+        if message is None:
+            self._check_end_of_stream()
         return message
+
+    def _check_end_of_stream(self) -> None:
+        """No complete message is buffered: at the end of the stream, what
+        is buffered can never be completed."""
+        if self._eof:
+            raise _Failure(TransportError(_EOF_MESSAGE), _HARD)
 
     def _pull_tls(self) -> None:
         """Move what TLS can decrypt now into the receive buffer; a
