@@ -1020,14 +1020,19 @@ class ConnectionStateMachine:
             self._awaiting_response(message)
             if self._status is not _S_AUTH_OK:
                 return True
-        return self._startup_burst()
+        return self._take_startup_burst()  # (TLS pulled above)
 
     def _startup_burst(self) -> bool:
-        """AUTH_OK: what the server sends after AuthenticationOk, all at once
-        (ParameterStatus -- taken in bulk --, BackendKeyData, ...,
-        ReadyForQuery), then the target_session_attrs check, in one step."""
+        """AUTH_OK: see :meth:`_take_startup_burst`."""
         if self._tls is not None:
             self._pull_tls()
+        return self._take_startup_burst()
+
+    def _take_startup_burst(self) -> bool:
+        """What the server sends after AuthenticationOk, all at once
+        (ParameterStatus -- taken in bulk --, BackendKeyData, ...,
+        ReadyForQuery), then the target_session_attrs check, in one step;
+        from what the receive buffer holds (TLS already pulled)."""
         buffer, progressed = self._in, False
         while True:
             pairs = buffer.take_parameter_statuses()

@@ -394,24 +394,16 @@ def parse_sasl_mechanisms(payload: bytes) -> list[str]:
     return mechanisms
 
 
-def _parameter_status(body: bytes) -> tuple[str, str] | None:
-    """(name, value) of a well-formed ParameterStatus body, else None."""
+def parse_parameter_status(body: bytes) -> tuple[str, str]:
     parts = body.split(b"\x00")
     if len(parts) != 3 or parts[2]:
-        return None
-    return parts[0].decode("utf-8", "surrogateescape"), parts[1].decode("utf-8", "surrogateescape")
-
-
-def parse_parameter_status(body: bytes) -> tuple[str, str]:
-    pair = _parameter_status(body)
-    if pair is None:
         # Let the general reader say what is wrong.
         reader = _Reader(body, "ParameterStatus")
         reader.cstring()
         reader.cstring()
         reader.end()
         raise RemoteProtocolError("malformed ParameterStatus message")  # pragma: no cover
-    return pair
+    return parts[0].decode("utf-8", "surrogateescape"), parts[1].decode("utf-8", "surrogateescape")
 
 
 #: The longest cancel key protocol 3.2 allows.

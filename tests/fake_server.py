@@ -40,16 +40,26 @@ from pgproto import (
 )
 from pgproto._states import TRANSITIONS
 
+#: poll()'s answers, as the tests spell them.
+READING: Final = PollingStatus.READING
+WRITING: Final = PollingStatus.WRITING
+OK: Final = PollingStatus.OK
+FAILED: Final = PollingStatus.FAILED
+
 #: resolve_params, typed loosely: option values come from dicts.
 _resolve: Callable[..., pgproto.ConnParams] = pgproto.resolve_params
 
 __all__ = [
     "AUTH_OK",
     "ENV",
+    "FAILED",
     "NONCE",
+    "OK",
+    "READING",
     "SECRET",
     "SSL_REQUEST",
     "TERMINATE",
+    "WRITING",
     "ClientMessage",
     "Harness",
     "PeerHarness",

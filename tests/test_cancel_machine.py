@@ -28,8 +28,12 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 from fake_server import (
     AUTH_OK,
+    FAILED,
+    OK,
+    READING,
     SSL_REQUEST,
     TERMINATE,
+    WRITING,
     Harness,
     PeerHarness,
     assert_transitions,
@@ -78,10 +82,6 @@ from pgproto import (
 from pgproto._states import TRANSITIONS, Input
 
 _S = ConnStatus
-READING = PollingStatus.READING
-WRITING = PollingStatus.WRITING
-OK = PollingStatus.OK
-FAILED = PollingStatus.FAILED
 
 PID = 4321  # fake_server's default BackendKeyData
 KEY = b"\x0a\x0b\x0c\x0d"

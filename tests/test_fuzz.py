@@ -73,8 +73,12 @@ import trustme
 from fake_server import (
     AUTH_OK,
     ENV,
+    FAILED,
     NONCE,
+    OK,
+    READING,
     SECRET,
+    WRITING,
     assert_transitions,
     auth,
     command_complete,
@@ -107,10 +111,6 @@ from pgproto import _wire as wire
 from pgproto._options import OPTIONS
 
 _S = ConnStatus
-READING = PollingStatus.READING
-WRITING = PollingStatus.WRITING
-OK = PollingStatus.OK
-FAILED = PollingStatus.FAILED
 
 #: next_event() calls one pump may take before it counts as a hang.
 MAX_CALLS: Final = 5_000

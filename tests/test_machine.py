@@ -20,10 +20,14 @@ import pytest
 from fake_server import (
     AUTH_OK,
     ENV,
+    FAILED,
     NONCE,
+    OK,
+    READING,
     SECRET,
     SSL_REQUEST,
     TERMINATE,
+    WRITING,
     Harness,
     ScramServer,
     assert_transitions,
@@ -75,7 +79,6 @@ from pgproto import (
     LocalProtocolError,
     OpenConnection,
     ParameterStatus,
-    PollingStatus,
     ReadyForQuery,
     RemoteProtocolError,
     ResolveHost,
@@ -91,10 +94,6 @@ from pgproto._states import TRANSITIONS, Input, transition
 _BAD_KEY = "received invalid BackendKeyData message: cancel key with length"
 
 _S = ConnStatus
-READING = PollingStatus.READING
-WRITING = PollingStatus.WRITING
-OK = PollingStatus.OK
-FAILED = PollingStatus.FAILED
 
 B64_NONCE = base64.b64encode(NONCE)
 SALT = base64.b64encode(b"0123456789abcdef")
