@@ -124,9 +124,10 @@ from ._tls import TLSContextInfo, TLSEngine, TLSSettings, create_context
 
 __all__ = ["ConnectionStateMachine"]
 
-# The statuses (and poll()'s answers, and host types) as module globals: on CPython 3.11 an
-# Enum member read as a class attribute is an unspecialized lookup (about
-# 70 ns), a global is not -- and every step compares the status.
+# The statuses, poll()'s answers, the state table's inputs and the host
+# types as module globals: on CPython 3.11 an Enum member read as a class
+# attribute is an unspecialized lookup (about 70 ns), a global is not -- and
+# every step compares the status.
 _S_NEEDED: Final = ConnStatus.NEEDED
 _S_STARTED: Final = ConnStatus.STARTED
 _S_MADE: Final = ConnStatus.MADE
@@ -145,6 +146,23 @@ _P_READING: Final = PollingStatus.READING
 _P_OK: Final = PollingStatus.OK
 _NAME: Final = HostType.NAME
 _ADDRESS: Final = HostType.ADDRESS
+_I_AUTHENTICATION_OK: Final = Input.AUTHENTICATION_OK
+_I_CHECK_ANSWERED: Final = Input.CHECK_ANSWERED
+_I_CHECK_DRAINED: Final = Input.CHECK_DRAINED
+_I_CHECK_STANDBY: Final = Input.CHECK_STANDBY
+_I_CHECK_WRITABLE: Final = Input.CHECK_WRITABLE
+_I_CLOSED: Final = Input.CLOSED
+_I_FAILED: Final = Input.FAILED
+_I_OPEN_REQUESTED: Final = Input.OPEN_REQUESTED
+_I_RESET: Final = Input.RESET
+_I_RETRY: Final = Input.RETRY
+_I_SSL_REFUSED: Final = Input.SSL_REFUSED
+_I_SSL_REQUEST_SENT: Final = Input.SSL_REQUEST_SENT
+_I_STARTUP_DONE: Final = Input.STARTUP_DONE
+_I_STARTUP_SENT: Final = Input.STARTUP_SENT
+_I_TARGET_ACCEPTED: Final = Input.TARGET_ACCEPTED
+_I_TLS_ESTABLISHED: Final = Input.TLS_ESTABLISHED
+_I_TRANSPORT_READY: Final = Input.TRANSPORT_READY
 
 PLAINTEXT: Final = "plaintext"
 SSL: Final = "ssl"
@@ -298,6 +316,7 @@ def _settings(params: ConnParams) -> dict[str, object]:
 #: the receive buffer, the containers and the protocol version are set there).
 _SERVER_STATE_DEFAULTS: Final[dict[str, object]] = {
     "_server_state_unused": True,
+    "_nothing_received": True,  # no receive_data() since the transport opened
     "_eof": False,
     "_tls": None,
     "_tls_done": False,
@@ -384,6 +403,7 @@ class ConnectionStateMachine:
     _check_failed: bool
     _checked: dict[str, bool]
     _server_state_unused: bool  # reset, and no attempt has used it since
+    _nothing_received: bool
 
     # Set from the ConnParams' settings (_settings) by __init__.
     _option: Callable[[str], str | None]
@@ -554,6 +574,7 @@ class ConnectionStateMachine:
             return
         if not self._transport_open:
             raise self._misuse("receive_data() called with no open connection")
+        self._nothing_received = False
         if not data:
             self._eof = True
         if self._tls is not None:
@@ -620,7 +641,7 @@ class ConnectionStateMachine:
         """
         self._answer("connect")
         self._transport_open = True
-        self._set(Input.TRANSPORT_READY)
+        self._set(_I_TRANSPORT_READY)
         required = self._option("requirepeer")
         if required and self._address is not None and self._address.kind == "unix":
             error = _check_peer(required, peer_uid)
@@ -664,7 +685,7 @@ class ConnectionStateMachine:
         self._address = None
         self._second_pass = False
         self._reset_server_state()
-        self._set(Input.RESET)
+        self._set(_I_RESET)
 
     def timer_expired(self) -> None:
         """The per-address deadline of the last :class:`StartTimer` passed."""
@@ -698,13 +719,13 @@ class ConnectionStateMachine:
             if self._tls is not None:
                 self._tls.close()
                 self._out += self._tls.ciphertext_to_send()
-            self._set(Input.CLOSED)
+            self._set(_I_CLOSED)
         else:
             # Abandoning a connection that is not established: what is queued
             # (perhaps a password) is dropped, as PQfinish drops it.
             self._out.clear()
             if self._status is not _S_BAD:
-                self._set(Input.FAILED)
+                self._set(_I_FAILED)
         if self._transport_open:
             self._events.append(CloseConnection(data=self.data_to_send()))
             self._transport_open = False
@@ -720,7 +741,7 @@ class ConnectionStateMachine:
 
     def _poison(self, error: Error) -> None:
         if self._status is not _S_BAD:
-            self._set(Input.FAILED)
+            self._set(_I_FAILED)
         if self._error is None:
             self._error = error
         self._awaiting = None
@@ -801,7 +822,7 @@ class ConnectionStateMachine:
         if outcome == _HARD:
             self._give_up()
             return
-        self._set(Input.RETRY)
+        self._set(_I_RETRY)
         if outcome == _FALLBACK:
             self._open(new_address=False)
         elif outcome == _RETRY:
@@ -878,7 +899,7 @@ class ConnectionStateMachine:
 
     def _give_up(self) -> None:
         """Nothing is left to try: FAILED, with every attempt in the error."""
-        self._set(Input.FAILED)
+        self._set(_I_FAILED)
         self._error = ConnectError(self._attempts)
 
     def _hosts_left(self) -> bool:
@@ -965,7 +986,7 @@ class ConnectionStateMachine:
             if len(memo) < _MEMO_LIMIT:  # (name lookups may keep finding new addresses)
                 memo[key] = command
         self._events.append(command)
-        self._set(Input.OPEN_REQUESTED)
+        self._set(_I_OPEN_REQUESTED)
         self._awaiting = "connect"
 
     # ----------------------------------------------------------------------
@@ -1004,6 +1025,10 @@ class ConnectionStateMachine:
     def _awaiting_step(self) -> bool:
         """AWAITING_RESPONSE: the server's authentication requests, and the
         startup burst that usually arrives with AuthenticationOk."""
+        if self._nothing_received:
+            # The step right after the startup packet was queued, on a
+            # plaintext connection: nothing can be buffered yet.
+            return False
         if self._tls is not None:
             self._pull_tls()
         buffer = self._in
@@ -1090,11 +1115,11 @@ class ConnectionStateMachine:
         if self._method == SSL and not self._tls_done:
             if self._direct:
                 self._start_tls()
-                self._set(Input.SSL_REQUEST_SENT)
+                self._set(_I_SSL_REQUEST_SENT)
                 self._handshake()
             else:
                 self._out += _wire.ssl_request()
-                self._set(Input.SSL_REQUEST_SENT)
+                self._set(_I_SSL_REQUEST_SENT)
             return False  # nothing can come back before this is sent
         # The receive buffer frames with _auth_limit until AuthenticationOk
         # (_reset_server_state made it so).
@@ -1106,7 +1131,7 @@ class ConnectionStateMachine:
         if packet is None:
             packet = memo[key] = _wire.startup_message(self._startup_parameters(), key[2])
         self._write(packet)
-        self._set(Input.STARTUP_SENT)
+        self._set(_I_STARTUP_SENT)
         return False  # nothing can come back before this is sent
 
     def _startup_parameters(self) -> list[tuple[str, str]]:
@@ -1172,7 +1197,7 @@ class ConnectionStateMachine:
                         TLSError("server does not support SSL, but SSL was required"), _HARD
                     )
                 self._method = following
-                self._set(Input.SSL_REFUSED)
+                self._set(_I_SSL_REFUSED)
                 return True
             if reply == b"E":
                 # CVE-2024-10977: the server's text is not read, let alone shown.
@@ -1214,7 +1239,7 @@ class ConnectionStateMachine:
                     direct=self._direct,
                 )
             )
-        self._set(Input.TLS_ESTABLISHED)
+        self._set(_I_TLS_ESTABLISHED)
         return True
 
     # AWAITING_RESPONSE: authentication.
@@ -1360,7 +1385,7 @@ class ConnectionStateMachine:
                     )
                 )
             self._in.set_limit(_ordinary_limit)
-            self._set(Input.AUTHENTICATION_OK)
+            self._set(_I_AUTHENTICATION_OK)
             return
         if code == _AUTH_CLEARTEXT:
             if self._reports:
@@ -1530,7 +1555,7 @@ class ConnectionStateMachine:
         self._txn_status = status
         if self._reports:
             self._events.append(ReadyForQuery(status=status))
-        self._set(Input.STARTUP_DONE)
+        self._set(_I_STARTUP_DONE)
 
     # CHECK_TARGET: target_session_attrs (reference spec §8.3).
 
@@ -1547,7 +1572,7 @@ class ConnectionStateMachine:
             read_only = self._flag("default_transaction_read_only")
             standby = self._flag("in_hot_standby")
             if read_only is None or standby is None:
-                self._send_check("SHOW transaction_read_only", Input.CHECK_WRITABLE)
+                self._send_check("SHOW transaction_read_only", _I_CHECK_WRITABLE)
                 return
             if target == "read-write" and (read_only or standby):
                 self._reject_server("session is read-only")
@@ -1558,7 +1583,7 @@ class ConnectionStateMachine:
         elif target in ("primary", "standby", "prefer-standby"):
             standby = self._flag("in_hot_standby")
             if standby is None and self._server_version() >= 90000:
-                self._send_check("SELECT pg_catalog.pg_is_in_recovery()", Input.CHECK_STANDBY)
+                self._send_check("SELECT pg_catalog.pg_is_in_recovery()", _I_CHECK_STANDBY)
                 return
             standby = bool(standby)
             if target == "primary" and standby:
@@ -1578,7 +1603,7 @@ class ConnectionStateMachine:
                     protocol_version=self._pversion,
                 )
             )
-        self._set(Input.TARGET_ACCEPTED)
+        self._set(_I_TARGET_ACCEPTED)
 
     def _server_version(self) -> int:
         """``server_version`` as libpq's PQserverVersion number (0 if unknown)."""
@@ -1621,7 +1646,7 @@ class ConnectionStateMachine:
         if self._transport_open:
             self._events.append(CloseConnection(data=data))
             self._transport_open = False
-        self._set(Input.RETRY)
+        self._set(_I_RETRY)
         self._next_host()
 
     def _check_message(self, message: _wire.Message) -> None:
@@ -1652,12 +1677,12 @@ class ConnectionStateMachine:
                 self._checked["in_hot_standby"] = flag
             else:
                 self._checked["in_hot_standby"] = value.startswith("t")
-            self._set(Input.CHECK_ANSWERED)
+            self._set(_I_CHECK_ANSWERED)
             return
         if kind == b"Z":
             self._txn_status = _wire.parse_ready_for_query(message.body)
             if status is _S_CONSUME:
-                self._set(Input.CHECK_DRAINED)
+                self._set(_I_CHECK_DRAINED)
                 return
             what = (
                 '"SHOW transaction_read_only" failed'
