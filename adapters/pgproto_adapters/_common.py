@@ -54,7 +54,6 @@ __all__ = [
     "IN_PROGRESS",
     "AsyncConnectionBase",
     "AsyncEntryPoints",
-    "AsyncTransport",
     "ConnectionBase",
     "QueryCollector",
     "QueryResult",
@@ -298,15 +297,22 @@ class ConnectionBase:
     """The surface every adapter's Connection shares."""
 
     _machine: ConnectionStateMachine
+    _io: Any  # the adapter's transport (each adapter's Connection says which)
+    _closed = False
 
     def __init__(
-        self, machine: ConnectionStateMachine, notice_handler: NoticeHandler | None = None
+        self,
+        machine: ConnectionStateMachine,
+        io: Any,
+        trace: Tracer | None,
+        notice_handler: NoticeHandler | None = None,
     ) -> None:
         self._machine = machine
+        self._io = io
+        self._trace = trace
         #: Called with every NoticeResponse, in order (default: :func:`log_notice`).
         self.notice_handler: NoticeHandler = notice_handler or log_notice
         self._pending_notifies: collections.deque[NotificationResponse] = collections.deque()
-        self._closed = False
 
     @property
     def machine(self) -> ConnectionStateMachine:
@@ -469,7 +475,7 @@ def collect_idle(
 
 class AsyncConnectionBase(ConnectionBase):
     """simple_query, notifies, cancel, reset and close for the async
-    adapters, over the adapter's :class:`AsyncTransport`.
+    adapters, over the adapter's :class:`SocketTransport`.
 
     One task uses the socket at a time (``_lock``).  :meth:`notifies` holds
     it only while it waits for the server, and gives it up as soon as a
@@ -479,33 +485,19 @@ class AsyncConnectionBase(ConnectionBase):
     """
 
     #: The adapter's transport (each adapter's Connection sets it).
-    transport: ClassVar[type[AsyncTransport]]
+    transport: ClassVar[type[SocketTransport]]
 
-    def __init__(
-        self,
-        machine: ConnectionStateMachine,
-        io: AsyncTransport,
-        trace: Tracer | None,
-        notice_handler: NoticeHandler | None = None,
-    ) -> None:
-        super().__init__(machine, notice_handler)
-        self._io = io
-        self._trace = trace
-        self._lock = io.lock()
-        self._wanted = 0  # queries waiting for the socket
+    _io: SocketTransport
+    _lock: Any = None  # made at first use (most connections never need it)
+    _wanted = 0  # queries waiting for the socket
+
+    def _socket_lock(self) -> Any:
+        """The lock that gives one task at a time the socket."""
+        if self._lock is None:
+            self._lock = self._io.lock()
+        return self._lock
 
     # -- connecting ---------------------------------------------------------------
-
-    async def _connect(self) -> None:
-        """The first connection (``connect()``): on failure or cancellation
-        the socket is closed before the exception goes on."""
-        io = self._io
-        try:
-            await establish(self._machine, io, self._trace)
-        except BaseException:
-            await io.drop()
-            raise
-        self._take_asynchronous(self._io)
 
     async def reset(self) -> None:
         """libpq's ``PQreset``: close the connection (Terminate if it is
@@ -544,8 +536,9 @@ class AsyncConnectionBase(ConnectionBase):
         io = self._io
         self._wanted += 1
         io.preempt()
+        lock = self._socket_lock()
         try:
-            await self._lock.acquire()
+            await lock.acquire()
         finally:
             self._wanted -= 1
         events: list[Event] = []
@@ -569,7 +562,7 @@ class AsyncConnectionBase(ConnectionBase):
                 await self._abandon()
                 raise
         finally:
-            self._lock.release()
+            lock.release()
         self._dispatch(events)
         for event in events:
             collector.feed(event)
@@ -671,7 +664,7 @@ class AsyncConnectionBase(ConnectionBase):
             self._check_open()
             if deadline is not None and io.now() >= deadline:
                 return
-            async with self._lock:
+            async with self._socket_lock():
                 if self._closed or pending or self._wanted:
                     continue
                 data = await io.receive_idle(deadline)
@@ -734,12 +727,11 @@ class Deadlines:
     connection attempt and follows ``deadline`` with it (:meth:`moved`).
     """
 
-    __slots__ = ("deadline", "overall", "timer")
-
-    def __init__(self) -> None:
-        self.overall: float | None = None
-        self.timer: float | None = None
-        self.deadline: float | None = None
+    # Class-level defaults: a transport is made per connection, and most
+    # never set a deadline.
+    overall: float | None = None
+    timer: float | None = None
+    deadline: float | None = None
 
     def set_overall(self, when: float | None) -> None:
         self.overall = when
@@ -810,9 +802,13 @@ def closed_while_waiting() -> ConnectionClosed:
     return ConnectionClosed(_CLOSED_WHILE_WAITING)
 
 
-class AsyncTransport(Deadlines):
-    """What an async adapter supplies: the IO of one connection, one socket
-    (or stream) at a time, on its framework's primitives.
+class SocketTransport(Deadlines):
+    """The IO of one connection for the async adapters: one non-blocking
+    socket at a time, read and written directly; the framework is asked to
+    wait only when the kernel says EAGAIN (a framework's socket wrapper
+    would pass through its scheduler on every call, even one that completes
+    at once).  Each adapter's subclass supplies its framework's waits,
+    clock, locks, deadlines and close.
 
     Every wait is a plain await, interrupted by the framework's cancellation;
     :meth:`drop` (or :meth:`finish`) wakes a task waiting on the socket with
@@ -822,11 +818,12 @@ class AsyncTransport(Deadlines):
     nobody collected its events (during connect).
     """
 
-    __slots__ = ("asynchronous", "sending")
+    sock: socket.socket | None = None
+    streaming = False  # the last read filled the buffer
+    sent = False  # the last operation was a send
+    sending = False
 
     def __init__(self) -> None:
-        super().__init__()
-        self.sending = False
         self.asynchronous: list[Event] = []
 
     def now(self) -> float:
@@ -837,9 +834,13 @@ class AsyncTransport(Deadlines):
         """A new lock of the framework's."""
         raise NotImplementedError
 
+    #: Does ``connect`` begin with :meth:`enter`?
+    enters: ClassVar[bool] = False
+
     async def enter(self) -> None:
-        """What ``connect`` does first (trio and anyio: a cancellation
-        check, their rule for a function that may not suspend at once)."""
+        """What ``connect`` does first when ``enters`` says so (trio and
+        anyio: a cancellation check, their rule for a function that may not
+        suspend at once)."""
 
     async def pump_before_deadline(
         self, machine: ConnectionStateMachine, trace: Tracer | None
@@ -849,37 +850,12 @@ class AsyncTransport(Deadlines):
         connected, False when the deadline passed first."""
         raise NotImplementedError
 
-    async def open(self, command: OpenConnection) -> Any:
-        """Connect for *command*; return the socket (for :func:`made`).
-        Raises OSError in libpq's words, with no socket left open."""
-        raise NotImplementedError
-
-    async def send(self, data: bytes) -> None:
-        raise NotImplementedError
-
-    async def receive(self) -> bytes:
-        """What has arrived (waiting for it); ``b""`` at the end of the stream."""
-        raise NotImplementedError
-
-    async def receive_idle(self, deadline: float | None) -> bytes | None:
-        """As :meth:`receive`, but None once *deadline* passed or
-        :meth:`preempt` was called."""
-        raise NotImplementedError
-
     def preempt(self) -> None:
         """Cut a :meth:`receive_idle` in progress short."""
         raise NotImplementedError
 
     async def resolve(self, host: str, port: int) -> list[str]:
         """The addresses of *host* (raises socket.gaierror)."""
-        raise NotImplementedError
-
-    async def finish(self, data: bytes) -> None:
-        """Send *data* if the socket takes it at once, then close the socket."""
-        raise NotImplementedError
-
-    async def drop(self) -> None:
-        """Close the socket now, sending nothing."""
         raise NotImplementedError
 
     def shielded(self, seconds: float) -> contextlib.AbstractAsyncContextManager[None]:
@@ -892,6 +868,110 @@ class AsyncTransport(Deadlines):
         """The exception the framework cancels a task with."""
         raise NotImplementedError
 
+    async def _wait(self, sock: socket.socket, writable: bool) -> None:
+        """Until *sock* is readable (writable); ConnectionClosed if it is
+        closed meanwhile."""
+        raise NotImplementedError
+
+    async def _wait_idle(self, sock: socket.socket, deadline: float | None) -> bool:
+        """Until *sock* is readable (True), or *deadline* passed or
+        :meth:`preempt` was called (False)."""
+        raise NotImplementedError
+
+    async def _checkpoint(self) -> None:
+        """Let the framework schedule other tasks (and deliver a cancellation)."""
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        """Close the socket now, waking a task waiting on it."""
+        raise NotImplementedError
+
+    async def open(self, command: OpenConnection) -> socket.socket:
+        """Connect for *command*; return the socket (for :func:`made`).
+        Raises OSError in libpq's words, with no socket left open."""
+        sock = self.sock = open_socket(command)
+        try:
+            error = sock.connect_ex(sockaddr(command.address))
+            if error in IN_PROGRESS:
+                await self._wait(sock, True)
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError as exc:
+            self._close()
+            raise connect_failure(exc) from None
+        if error:
+            self._close()
+            raise OSError(error, os.strerror(error))
+        return sock
+
+    async def send(self, data: bytes) -> None:
+        sock = self.sock
+        if sock is None:
+            raise closed_while_waiting()
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[sock.send(view) :]
+            except BlockingIOError:
+                await self._wait(sock, True)
+        self.sent = True
+
+    async def receive(self) -> bytes:
+        """What has arrived (waiting for it); ``b""`` at the end of the stream."""
+        sock = self.sock
+        if sock is None:
+            raise closed_while_waiting()
+        if self.sent:
+            # The answer to what was just sent cannot be here yet: wait
+            # first rather than try a recv() that fails with EAGAIN (as the
+            # blocking adapter does).  Were it here, the wait ends at once.
+            self.sent = False
+            await self._wait(sock, False)
+        elif self.streaming:
+            # The last read filled the buffer: more is waiting, and reading
+            # on would never suspend.  Let the framework schedule (and
+            # deliver a cancellation) first -- before a read, so that
+            # nothing read is lost.
+            await self._checkpoint()
+        while True:
+            try:
+                data = sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                await self._wait(sock, False)
+                continue
+            self.streaming = len(data) == RECV_SIZE
+            return data
+
+    async def receive_idle(self, deadline: float | None) -> bytes | None:
+        """As :meth:`receive`, but None once *deadline* passed or
+        :meth:`preempt` was called."""
+        sock = self.sock
+        if sock is None:
+            raise closed_while_waiting()
+        for attempt in range(2):
+            try:
+                return sock.recv(RECV_SIZE)
+            except BlockingIOError:  # nothing yet; after the wait: preempted
+                pass
+            except OSError:
+                return b""  # ECONNRESET and the like: end of file
+            if attempt or not await self._wait_idle(sock, deadline):
+                return None
+        return None  # pragma: no cover - the loop returns
+
+    async def finish(self, data: bytes) -> None:
+        """Best-effort send of a final message without waiting (the socket is
+        about to close; Terminate is a courtesy), then close."""
+        if data and self.sock is not None:
+            try:  # noqa: SIM105 (not contextlib.suppress: every connection's path)
+                self.sock.send(data)
+            except OSError:
+                pass  # the connection is being closed: nothing to report
+        self._close()
+
+    async def drop(self) -> None:
+        """Close the socket now, sending nothing."""
+        self._close()
+
 
 _OK: Final = PollingStatus.OK
 _WRITING: Final = PollingStatus.WRITING
@@ -900,7 +980,7 @@ _PUMP_COMMANDS: Final = frozenset((OpenConnection, CloseConnection, ResolveHost,
 
 async def async_pump(
     machine: ConnectionStateMachine,
-    io: AsyncTransport,
+    io: SocketTransport,
     trace: Tracer | None,
     events: list[Event] | None = None,
 ) -> None:
@@ -958,7 +1038,7 @@ async def async_pump(
 
 
 async def establish(
-    machine: ConnectionStateMachine, io: AsyncTransport, trace: Tracer | None
+    machine: ConnectionStateMachine, io: SocketTransport, trace: Tracer | None
 ) -> None:
     """Pump *machine* until it is connected (or raises), under *io*'s
     deadlines (none at all when neither ``connect_timeout`` nor an overall
@@ -1010,7 +1090,8 @@ class AsyncEntryPoints(Generic[AsyncConnectionT]):
         """
         seconds = None if timeout is None else overall_timeout(timeout)
         io = self._connection.transport()
-        await io.enter()
+        if io.enters:
+            await io.enter()
         start = io.now() if seconds is not None else 0.0  # (resolution counts too)
         machine = make_machine(
             conninfo,
@@ -1023,7 +1104,12 @@ class AsyncEntryPoints(Generic[AsyncConnectionT]):
         if seconds is not None:
             io.set_overall(start + seconds)
         conn = self._connection(machine, io, trace, notice_handler)
-        await conn._connect()
+        try:
+            await establish(machine, io, trace)
+        except BaseException:
+            await io.drop()  # failed or cancelled: no socket stays open
+            raise
+        conn._take_asynchronous(io)
         return conn
 
     async def ping(
@@ -1049,119 +1135,6 @@ class AsyncEntryPoints(Generic[AsyncConnectionT]):
             return ping_outcome(exc)
         await conn.close()
         return Ping.OK
-
-
-class SocketTransport(AsyncTransport):
-    """An :class:`AsyncTransport` over a plain non-blocking socket (every
-    async adapter's): it reads and writes the socket directly and asks the framework to
-    wait only when the kernel says EAGAIN (a framework's socket wrapper
-    would pass through its scheduler on every call, even one that completes
-    at once).  The adapter supplies the waits and the close."""
-
-    __slots__ = ("sent", "sock", "streaming")
-
-    def __init__(self) -> None:
-        self.sock: socket.socket | None = None
-        self.streaming = False  # the last read filled the buffer
-        self.sent = False  # the last operation was a send
-        super().__init__()
-
-    async def _wait(self, sock: socket.socket, writable: bool) -> None:
-        """Until *sock* is readable (writable); ConnectionClosed if it is
-        closed meanwhile."""
-        raise NotImplementedError
-
-    async def _wait_idle(self, sock: socket.socket, deadline: float | None) -> bool:
-        """Until *sock* is readable (True), or *deadline* passed or
-        :meth:`preempt` was called (False)."""
-        raise NotImplementedError
-
-    async def _checkpoint(self) -> None:
-        """Let the framework schedule other tasks (and deliver a cancellation)."""
-        raise NotImplementedError
-
-    def _close(self) -> None:
-        """Close the socket now, waking a task waiting on it."""
-        raise NotImplementedError
-
-    def _socket(self) -> socket.socket:
-        if self.sock is None:
-            raise closed_while_waiting()
-        return self.sock
-
-    async def open(self, command: OpenConnection) -> socket.socket:
-        sock = self.sock = open_socket(command)
-        try:
-            error = sock.connect_ex(sockaddr(command.address))
-            if error in IN_PROGRESS:
-                await self._wait(sock, True)
-                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        except OSError as exc:
-            self._close()
-            raise connect_failure(exc) from None
-        if error:
-            self._close()
-            raise OSError(error, os.strerror(error))
-        return sock
-
-    async def send(self, data: bytes) -> None:
-        sock = self._socket()
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[sock.send(view) :]
-            except BlockingIOError:
-                await self._wait(sock, True)
-        self.sent = True
-
-    async def receive(self) -> bytes:
-        sock = self._socket()
-        if self.sent:
-            # The answer to what was just sent cannot be here yet: wait
-            # first rather than try a recv() that fails with EAGAIN (as the
-            # blocking adapter does).  Were it here, the wait ends at once.
-            self.sent = False
-            await self._wait(sock, False)
-        elif self.streaming:
-            # The last read filled the buffer: more is waiting, and reading
-            # on would never suspend.  Let the framework schedule (and
-            # deliver a cancellation) first -- before a read, so that
-            # nothing read is lost.
-            await self._checkpoint()
-        while True:
-            try:
-                data = sock.recv(RECV_SIZE)
-            except BlockingIOError:
-                await self._wait(sock, False)
-                continue
-            self.streaming = len(data) == RECV_SIZE
-            return data
-
-    async def receive_idle(self, deadline: float | None) -> bytes | None:
-        sock = self._socket()
-        for attempt in range(2):
-            try:
-                return sock.recv(RECV_SIZE)
-            except BlockingIOError:  # nothing yet; after the wait: preempted
-                pass
-            except OSError:
-                return b""  # ECONNRESET and the like: end of file
-            if attempt or not await self._wait_idle(sock, deadline):
-                return None
-        return None  # pragma: no cover - the loop returns
-
-    async def finish(self, data: bytes) -> None:
-        """Best-effort send of a final message without waiting (the socket is
-        about to close; Terminate is a courtesy), then close."""
-        if data and self.sock is not None:
-            try:  # noqa: SIM105 (not contextlib.suppress: every connection's path)
-                self.sock.send(data)
-            except OSError:
-                pass  # the connection is being closed: nothing to report
-        self._close()
-
-    async def drop(self) -> None:
-        self._close()
 
 
 _FOREVER: Final = float("inf")
@@ -1214,14 +1187,9 @@ class ScopedSocketTransport(SocketTransport):
     ``ClosedResourceError``, turned into ConnectionClosed).
     """
 
-    __slots__ = ("idle", "scope")
-
     framework: ClassVar[ScopeFramework]
-
-    def __init__(self) -> None:
-        self.scope: CancelScope | None = None  # while connecting
-        self.idle: CancelScope | None = None  # while waiting on an idle connection
-        super().__init__()
+    scope: CancelScope | None = None  # while connecting
+    idle: CancelScope | None = None  # while waiting on an idle connection
 
     def moved(self) -> None:
         if self.scope is not None:
@@ -1229,6 +1197,8 @@ class ScopedSocketTransport(SocketTransport):
 
     def now(self) -> float:
         return self.framework.current_time()
+
+    enters = True
 
     async def enter(self) -> None:
         await self.framework.checkpoint_if_cancelled()

@@ -38,8 +38,6 @@ class _Transport(ScopedSocketTransport):
     """The socket, the deadlines (anyio's clock), and the cancel scopes that
     enforce them while connecting and that cut an idle read short."""
 
-    __slots__ = ()
-
     lock = staticmethod(anyio.Lock)
     framework = ScopeFramework(
         cancel_scope=anyio.CancelScope,

@@ -45,13 +45,12 @@ class _Transport(SocketTransport):
     """The socket, the deadlines (loop time), the timeout that enforces them
     while connecting, and the future a task waits on."""
 
-    __slots__ = ("idle", "loop", "scope", "waiter")
+    scope: asyncio.Timeout | None = None
+    waiter: asyncio.Future[None] | None = None
+    idle = False  # the waiter is an idle read (preempt() may end it)
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.scope: asyncio.Timeout | None = None
-        self.waiter: asyncio.Future[None] | None = None
-        self.idle = False  # the waiter is an idle read (preempt() may end it)
         super().__init__()
 
     lock = staticmethod(asyncio.Lock)

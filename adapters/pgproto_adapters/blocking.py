@@ -80,7 +80,6 @@ class _Transport(Deadlines):
     per-address one and the caller's overall one)."""
 
     def __init__(self) -> None:
-        super().__init__()
         self.sock: socket.socket | None = None
         #: The command whose non-blocking connect() has not completed yet.
         self.connecting: OpenConnection | None = None
@@ -174,8 +173,10 @@ class _Transport(Deadlines):
         self.connecting = None
         if self.sock is not None:
             if self._registered is not None and self._poller is not None:
-                with contextlib.suppress(KeyError, ValueError):
+                try:  # noqa: SIM105 (not contextlib.suppress: every connection's path)
                     self._poller.unregister(self._registered[0])
+                except (KeyError, ValueError):
+                    pass
                 self._registered = None
             self.sock.close()
             self.sock = None
@@ -185,8 +186,10 @@ class _Transport(Deadlines):
         then close the socket.  Without *data* the pending bytes are dropped:
         they may hold a password for a connection being abandoned."""
         if data and self.sock is not None and self.connecting is None:
-            with contextlib.suppress(OSError):
+            try:  # noqa: SIM105 (not contextlib.suppress: every connection's path)
                 self.sock.send(self.pending + data)
+            except OSError:
+                pass  # the connection is being closed: nothing to report
         self.drop()
 
     def close(self, data: bytes = b"") -> None:
@@ -565,9 +568,7 @@ class Connection(_Poller, ConnectionBase):
         trace: Tracer | None,
         notice_handler: NoticeHandler | None = None,
     ) -> None:
-        super().__init__(machine, notice_handler)
-        self._io = io
-        self._trace = trace
+        super().__init__(machine, io, trace, notice_handler)
         self._error = None
         self._polled = None
         self._busy = False  # a thread is using the connection (see close())

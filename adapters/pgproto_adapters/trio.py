@@ -37,8 +37,6 @@ class _Transport(ScopedSocketTransport):
     """The socket, the deadlines (trio's clock), and the cancel scopes that
     enforce them while connecting and that cut an idle read short."""
 
-    __slots__ = ()
-
     lock = staticmethod(trio.Lock)
     framework = ScopeFramework(
         cancel_scope=trio.CancelScope,
