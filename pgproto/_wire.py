@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final, NamedTuple
 
 from ._errors import LocalProtocolError, RemoteProtocolError
@@ -239,16 +239,24 @@ class ReceiveBuffer:
             f"{self._limit(kind)} bytes allowed here"
         )
 
-    def take_parameter_statuses(self) -> list[tuple[str, str]]:
+    def take_parameter_statuses(self) -> Sequence[tuple[str, str]]:
         """Consume the complete, well-formed ParameterStatus messages at the
         front of the buffer (the bulk of a startup burst) in one call;
         anything else -- including a malformed one -- is left for
         :meth:`next_message` to cut and report."""
         data = self._data
         pos = self._pos
+        # A server sends the same run to every connection: when the buffer
+        # starts with the last run taken (under the same limits), those are
+        # the same messages, already checked -- taken as they were.  (Any
+        # messages after them are left for the next call.)
+        last = _last_run[0]
+        if last is not None and last[0] is self._limit and data.startswith(last[1], pos):
+            self._consume(pos + len(last[1]))
+            return last[2]
         run = _PARAMETER_STATUS_RUN.match(data, pos)
         if run is None:
-            return []
+            return ()
         # No Python loop per message (a startup burst has 15 or so):
         # regular expressions cut the run into length words and bodies, and
         # the length words are checked against the bodies' sizes with C
@@ -260,16 +268,30 @@ class ReceiveBuffer:
         if max(lengths) > self._limit(b"S") or lengths != tuple(map(_PLUS_FIVE, map(len, bodies))):
             bodies = _fitting_prefix(lengths, bodies, self._limit(b"S"))
             if not bodies:
-                return []
+                return ()
             stop = pos + sum(map(len, bodies)) + 6 * len(bodies)
-        if stop == len(data):
-            data.clear()
+        # "name\0value" bodies: decoded at once, then split on the NULs.
+        texts = b"\x00".join(bodies).decode("utf-8", "surrogateescape").split("\x00")
+        pairs = tuple(zip(texts[::2], texts[1::2], strict=True))
+        if stop - pos <= _LAST_RUN_MAX:
+            _last_run[0] = (self._limit, bytes(data[pos:stop]), pairs)
+        self._consume(stop)
+        return pairs
+
+    def _consume(self, stop: int) -> None:
+        """Everything before *stop* was taken."""
+        if stop == len(self._data):
+            self._data.clear()
             self._pos = 0
         else:
             self._pos = stop
-        # "name\0value" bodies: decoded at once, then split on the NULs.
-        texts = b"\x00".join(bodies).decode("utf-8", "surrogateescape").split("\x00")
-        return list(zip(texts[::2], texts[1::2], strict=True))
+
+
+#: The last run of ParameterStatus messages take_parameter_statuses() cut
+#: (the limit function it was checked with, its bytes, its pairs); runs
+#: longer than _LAST_RUN_MAX bytes are not kept.
+_last_run: list[tuple[Callable[[bytes], int], bytes, tuple[tuple[str, str], ...]] | None] = [None]
+_LAST_RUN_MAX: Final = 8192
 
 
 def _fitting_prefix(lengths: tuple[int, ...], bodies: list[bytes], limit: int) -> list[bytes]:

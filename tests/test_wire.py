@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
+from collections.abc import Callable
 
 import pytest
 from hypothesis import example, given, settings
@@ -213,11 +214,15 @@ def _reference_take(data: bytes, limit: int) -> tuple[list[tuple[str, str]], int
 
 
 def _take(
-    data: bytes, limit: int = wire.ORDINARY_MESSAGE_LIMIT
+    data: bytes, limit: int | Callable[[bytes], int] = wire.ORDINARY_MESSAGE_LIMIT
 ) -> tuple[list[tuple[str, str]], int]:
-    buffer = wire.ReceiveBuffer(lambda kind: limit)
+    """What calls to take_parameter_statuses() take, until one takes nothing
+    (a call may take part of a run: the rest is for the next)."""
+    buffer = wire.ReceiveBuffer(limit if callable(limit) else lambda kind: limit)
     buffer.feed(data)
-    taken = buffer.take_parameter_statuses()
+    taken: list[tuple[str, str]] = []
+    while more := buffer.take_parameter_statuses():
+        taken.extend(more)
     return taken, len(data) - len(buffer)
 
 
@@ -279,6 +284,48 @@ def test_bulk_parameter_status_matches_one_message_at_a_time(
 ) -> None:
     data = b"".join(pieces)
     assert _take(data, limit) == _reference_take(data, limit)
+
+
+def _limit_30(kind: bytes) -> int:
+    return 30
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.binary(max_size=8), st.binary(max_size=8)).map(
+            lambda pair: _parameter_status(
+                pair[0].replace(b"\x00", b""), pair[1].replace(b"\x00", b"")
+            )
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    st.binary(max_size=16),
+    st.integers(min_value=0, max_value=40),
+)
+def test_a_run_seen_before_is_taken_as_one_message_at_a_time_would(
+    run: list[bytes], after: bytes, cut: int
+) -> None:
+    # The second buffer starts with the run the first one took (the usual
+    # case: a server sends every connection the same parameters), followed
+    # by anything, or holds only part of it: the result is still what one
+    # message at a time gives.
+    first = b"".join(run)
+    assert _take(first, _limit_30) == _reference_take(first, 30)
+    for data in (first + after, first[:cut] + after, after + first):
+        assert _take(data, _limit_30) == _reference_take(data, 30)
+    # Under another limit the run is checked again, not taken as it was.
+    assert _take(first, 10) == _reference_take(first, 10)
+
+
+def test_a_run_seen_before_is_taken_in_one_call() -> None:
+    run = _parameter_status(b"server_version", b"18.6") + _parameter_status(b"TimeZone", b"UTC")
+    for _ in range(2):
+        buffer = wire.ReceiveBuffer(_limit_30)
+        buffer.feed(run + KEY_DATA)
+        assert buffer.take_parameter_statuses() == (("server_version", "18.6"), ("TimeZone", "UTC"))
+        assert len(buffer) == len(KEY_DATA)
 
 
 # --------------------------------------------------------------------------
