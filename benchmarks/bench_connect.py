@@ -32,7 +32,9 @@ Ratios are against psycopg's synchronous ``connect`` (libpq) and against
 asyncpg.  The final lines per scenario give each pgproto client's CPU per
 connection as a multiple of both and whether the goal (at or below libpq, and
 below asyncpg) is met; "(within noise)" marks a verdict that two standard
-errors could flip.  For the asyncio and trio adapters the verdict line also
+errors of the ratio could flip (estimated from the rounds as pairs: both
+clients ran in every round, so drift that moves the whole machine cancels
+out; see ``ratio_rse``).  For the asyncio and trio adapters the verdict line also
 gives the multiple of ``psycopg async`` (libpq's PQconnectPoll under
 asyncio), the same kind of IO, for reference only: the goal stays against
 the synchronous connect.
@@ -509,6 +511,26 @@ class Result:
         return statistics.quantiles(self.walls, n=10, method="inclusive")[8]
 
 
+def ratio_rse(result: Result, base: Result) -> float:
+    """Relative standard error of ``result.cpu_per_conn / base.cpu_per_conn``.
+
+    Both clients ran a batch in every round, one after the other, so what
+    moves the whole machine between rounds (CPU frequency, other load, the
+    server) moves both: the ratio's error is estimated from the rounds as
+    pairs -- the spread of ``x - R * b`` over rounds, for the ratio R of the
+    means (the delta method) -- not from each client's spread on its own,
+    which that common drift inflates.
+    """
+    pairs = list(zip(result.per_round, base.per_round, strict=True))
+    if len(pairs) < 2:
+        return math.nan
+    x = statistics.fmean(p[0] for p in pairs)
+    b = statistics.fmean(p[1] for p in pairs)
+    ratio = x / b
+    spread = statistics.stdev(xi - ratio * bi for xi, bi in pairs)
+    return spread / math.sqrt(len(pairs)) / x
+
+
 def _rotations(count: int, rounds: int) -> Iterator[list[int]]:
     order = list(range(count))
     for r in range(rounds):
@@ -609,8 +631,8 @@ def print_table(
         x, y = r.cpu_per_conn / base.cpu_per_conn, r.cpu_per_conn / apg.cpu_per_conn
         met = x <= 1.0 and y < 1.0
         # Could the verdict flip within two standard errors of the ratios?
-        noise_x = 2 * math.hypot(r.cpu_rse, base.cpu_rse) * x
-        noise_y = 2 * math.hypot(r.cpu_rse, apg.cpu_rse) * y
+        error_x = ratio_rse(r, base) * x
+        noise_x, noise_y = 2 * error_x, 2 * ratio_rse(r, apg) * y
         if met:
             close = x + noise_x > 1.0 or y + noise_y >= 1.0
         else:
@@ -625,7 +647,8 @@ def print_table(
             else ""
         )
         print(
-            f"verdict: {r.name + ':':<28} CPU/conn = {x:.2f} × libpq, {y:.2f} × asyncpg"
+            f"verdict: {r.name + ':':<28} CPU/conn = {x:.2f} (± {error_x:.2f}) × libpq,"
+            f" {y:.2f} × asyncpg"
             f" — goal {'met' if met else 'not met'}{' (within noise)' if close else ''}"
             f"{reference}"
         )

@@ -9,9 +9,12 @@ verdicts and the profile are printed.
 from __future__ import annotations
 
 import importlib.util
+import math
+import statistics
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 from pgproto_adapters._cluster import Cluster
@@ -67,6 +70,29 @@ def test_bench_connect_quick(
         assert line.endswith("× psycopg async)") == ("asyncio" in line or "trio" in line), line
     assert "TLS as the server saw it: pgproto TLSv1.3" in out
     assert out.count("== cProfile, pgproto blocking") == 3 + 2
+
+
+def test_ratio_error_pairs_the_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = _load(monkeypatch)
+
+    def result(per_round: list[float]) -> Any:
+        return bench.Result(
+            "c", "f", walls=[0.0] * len(per_round), per_round=per_round, cpu=sum(per_round)
+        )
+
+    # The machine slows down round after round: both clients move together,
+    # and their ratio (0.8) does not move at all.
+    drift = [100.0, 150.0, 90.0, 200.0, 120.0]
+    base = result(drift)
+    assert bench.ratio_rse(result([0.8 * v for v in drift]), base) == pytest.approx(0.0, abs=1e-12)
+    # The same spread, not shared by the baseline: the ratio is that uncertain.
+    steady = result([100.0] * 5)
+    scattered = result([0.8 * v for v in drift])
+    expected = (
+        statistics.stdev(scattered.per_round) / math.sqrt(5) / statistics.fmean(scattered.per_round)
+    )
+    assert bench.ratio_rse(scattered, steady) == pytest.approx(expected)
+    assert math.isnan(bench.ratio_rse(result([1.0]), result([1.0])))
 
 
 CONNINFO_BENCH = BENCH.with_name("bench_conninfo.py")
