@@ -1190,6 +1190,7 @@ class ScopedSocketTransport(SocketTransport):
     framework: ClassVar[ScopeFramework]
     scope: CancelScope | None = None  # while connecting
     idle: CancelScope | None = None  # while waiting on an idle connection
+    waiting = 0  # tasks waiting on the socket
 
     def moved(self) -> None:
         if self.scope is not None:
@@ -1218,10 +1219,13 @@ class ScopedSocketTransport(SocketTransport):
 
     async def _wait(self, sock: socket.socket, writable: bool) -> None:
         framework = self.framework
+        self.waiting += 1
         try:
             await (framework.wait_writable if writable else framework.wait_readable)(sock)
         except framework.closed_resource_error:
             raise closed_while_waiting() from None
+        finally:
+            self.waiting -= 1
 
     async def _wait_idle(self, sock: socket.socket, deadline: float | None) -> bool:
         scope = self.framework.cancel_scope(deadline=_FOREVER if deadline is None else deadline)
@@ -1242,7 +1246,11 @@ class ScopedSocketTransport(SocketTransport):
 
     def _close(self) -> None:
         if self.sock is not None:
-            self.framework.notify_closing(self.sock)
+            if self.waiting:
+                # Wake the tasks waiting on it.  With none there is nothing
+                # to tell: a descriptor no task waits on is in no wait set of
+                # the framework's (the kernel drops a closed one from epoll).
+                self.framework.notify_closing(self.sock)
             self.sock.close()
             self.sock = None
 
