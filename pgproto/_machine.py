@@ -1038,9 +1038,8 @@ class ConnectionStateMachine:
             self._auth_req_received = True
             self._authenticate(_AUTH_OK, b"")
         else:
-            message = buffer.next_message()
+            message = self._buffered_message()
             if message is None:
-                self._check_end_of_stream()
                 return False
             self._awaiting_response(message)
             if self._status is not _S_AUTH_OK:
@@ -1071,9 +1070,8 @@ class ConnectionStateMachine:
                 self._key_data(ending[0], ending[1])
                 self._startup_ready(ending[2])
                 break
-            message = buffer.next_message()
+            message = self._buffered_message()
             if message is None:
-                self._check_end_of_stream()
                 return progressed
             self._auth_ok_message(message)
             if self._status is not _S_AUTH_OK:
@@ -1087,16 +1085,15 @@ class ConnectionStateMachine:
         the stream, a failure: what is buffered can never be completed)."""
         if self._tls is not None:
             self._pull_tls()
-        message = self._in.next_message()
-        if message is None:
-            self._check_end_of_stream()
-        return message
+        return self._buffered_message()
 
-    def _check_end_of_stream(self) -> None:
-        """No complete message is buffered: at the end of the stream, what
-        is buffered can never be completed."""
-        if self._eof:
+    def _buffered_message(self) -> _wire.Message | None:
+        """As :meth:`_next_message`, from what the receive buffer holds
+        (TLS already pulled)."""
+        message = self._in.next_message()
+        if message is None and self._eof:
             raise _Failure(TransportError(_EOF_MESSAGE), _HARD)
+        return message
 
     def _pull_tls(self) -> None:
         """Move what TLS can decrypt now into the receive buffer; a

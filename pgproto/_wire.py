@@ -163,6 +163,16 @@ class ReceiveBuffer:
     def set_limit(self, limit: Callable[[bytes], int]) -> None:
         self._limit = limit
 
+    def _consume(self, stop: int) -> None:
+        """Everything before *stop* was taken (all of it: the buffer lets
+        go of its bytes).  (next_message does the same inline: it runs once
+        per message.)"""
+        if stop == len(self._data):
+            self._data.clear()
+            self._pos = 0
+        else:
+            self._pos = stop
+
     def take_exact(self, expected: bytes) -> bool:
         """Consume *expected* -- a whole message known byte for byte -- if
         the buffer starts with it."""
@@ -170,11 +180,7 @@ class ReceiveBuffer:
         pos = self._pos
         if not data.startswith(expected, pos):
             return False
-        end = pos + len(expected)
-        if end == len(data):
-            data.clear()
-            end = 0
-        self._pos = end
+        self._consume(pos + len(expected))
         return True
 
     def take_key_data_and_ready(self) -> tuple[int, bytes, str] | None:
@@ -187,11 +193,7 @@ class ReceiveBuffer:
         if match is None:
             return None
         pid, key, status = match.groups()  # (before the buffer is cleared)
-        end = match.end()
-        if end == len(self._data):
-            self._data.clear()
-            end = 0
-        self._pos = end
+        self._consume(match.end())
         return _INT32.unpack(pid)[0], key, _TRANSACTION_STATUS[status]
 
     def take_byte(self) -> bytes | None:
@@ -277,14 +279,6 @@ class ReceiveBuffer:
             _last_run[0] = (self._limit, bytes(data[pos:stop]), pairs)
         self._consume(stop)
         return pairs
-
-    def _consume(self, stop: int) -> None:
-        """Everything before *stop* was taken."""
-        if stop == len(self._data):
-            self._data.clear()
-            self._pos = 0
-        else:
-            self._pos = stop
 
 
 #: The last run of ParameterStatus messages take_parameter_statuses() cut

@@ -886,6 +886,11 @@ class SocketTransport(Deadlines):
         """Close the socket now, waking a task waiting on it."""
         raise NotImplementedError
 
+    def _socket(self) -> socket.socket:
+        if self.sock is None:
+            raise closed_while_waiting()
+        return self.sock
+
     async def open(self, command: OpenConnection) -> socket.socket:
         """Connect for *command*; return the socket (for :func:`made`).
         Raises OSError in libpq's words, with no socket left open."""
@@ -904,9 +909,7 @@ class SocketTransport(Deadlines):
         return sock
 
     async def send(self, data: bytes) -> None:
-        sock = self.sock
-        if sock is None:
-            raise closed_while_waiting()
+        sock = self._socket()
         view = memoryview(data)
         while view:
             try:
@@ -917,9 +920,7 @@ class SocketTransport(Deadlines):
 
     async def receive(self) -> bytes:
         """What has arrived (waiting for it); ``b""`` at the end of the stream."""
-        sock = self.sock
-        if sock is None:
-            raise closed_while_waiting()
+        sock = self._socket()
         if self.sent:
             # The answer to what was just sent cannot be here yet: wait
             # first rather than try a recv() that fails with EAGAIN (as the
@@ -944,9 +945,7 @@ class SocketTransport(Deadlines):
     async def receive_idle(self, deadline: float | None) -> bytes | None:
         """As :meth:`receive`, but None once *deadline* passed or
         :meth:`preempt` was called."""
-        sock = self.sock
-        if sock is None:
-            raise closed_while_waiting()
+        sock = self._socket()
         for attempt in range(2):
             try:
                 return sock.recv(RECV_SIZE)
